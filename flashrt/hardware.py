@@ -1,0 +1,105 @@
+"""The platform table: every precision and backend choice in FlashRT reads it.
+
+`detect()` looks at the machine once (the first CUDA device, or the CPU) and returns a `Platform`.
+Nothing else in the project branches on compute capability: it asks the platform.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import PlatformError
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: str  # orin | thor | rtx-ada | rtx-blackwell | hopper | cuda | cpu
+    device: str  # "cuda:N" or "cpu"
+    capability: tuple[int, int] | None
+    gpu_name: str
+    default_precision: str
+    precisions: tuple[str, ...]  # what this platform can run
+    attention: str  # "flash_varlen" (FlashAttention varlen through torch) or "sdpa" (masked SDPA)
+    cuda_graphs: bool
+    native_kernels: bool  # flashrt._kernels is built for this GPU and may be used
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def resolve_precision(self, requested: str) -> str:
+        if requested == "auto":
+            return self.default_precision
+        if requested not in self.precisions:
+            raise PlatformError(
+                f"precision {requested!r} is not supported on {self.name} ({self.gpu_name}); "
+                f"supported: {', '.join(self.precisions)}"
+            )
+        return requested
+
+
+# (major, minor) -> (platform name, default precision). Quantized defaults (FP8 on Thor/RTX/Hopper,
+# INT8 on Orin, DESIGN.md) take over from bf16 once those paths exist; until then bf16 everywhere.
+_GPUS: dict[tuple[int, int], tuple[str, str]] = {
+    (8, 7): ("orin", "bf16"),
+    (8, 9): ("rtx-ada", "bf16"),
+    (9, 0): ("hopper", "bf16"),
+    (11, 0): ("thor", "bf16"),
+    (12, 0): ("rtx-blackwell", "bf16"),
+    (12, 1): ("rtx-blackwell", "bf16"),
+}
+_GPU_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _kernels_built_for(capability: tuple[int, int]) -> bool:
+    try:
+        from . import _kernels  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    return f"sm_{capability[0]}{capability[1]}" in _kernels.archs() if hasattr(_kernels, "archs") else False
+
+
+def _has_flash_varlen(capability: tuple[int, int]) -> bool:
+    # FlashAttention-2 inside PyTorch needs sm_80+ and a build with it (Jetson source builds may omit it).
+    return capability >= (8, 0) and torch.backends.cuda.is_flash_attention_available()
+
+
+def probe(device: str | None = None) -> Platform:
+    """Describe `device` (default: the first GPU if there is one, else the CPU)."""
+    if device is None:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return Platform("cpu", "cpu", None, "cpu", "fp32", ("fp32", "bf16"), "sdpa", False, False)
+    if not torch.cuda.is_available():
+        raise PlatformError(f"device {device!r} requested but no CUDA GPU is visible")
+    dev = torch.device(device)
+    idx = dev.index if dev.index is not None else 0
+    cap = torch.cuda.get_device_capability(idx)
+    name, precision = _GPUS.get(cap, ("cuda", "bf16" if cap >= (8, 0) else "fp16"))
+    precisions = _GPU_PRECISIONS if cap >= (8, 0) else ("fp32", "fp16")
+    return Platform(
+        name=name,
+        device=f"cuda:{idx}",
+        capability=cap,
+        gpu_name=torch.cuda.get_device_name(idx),
+        default_precision=precision,
+        precisions=precisions,
+        attention="flash_varlen" if _has_flash_varlen(cap) else "sdpa",
+        cuda_graphs=True,
+        native_kernels=_kernels_built_for(cap),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def detect(device: str | None = None) -> Platform:
+    """The platform, probed once per device."""
+    return probe(device)
+
+
+def for_config(device: str = "auto", **overrides) -> Platform:
+    """The platform a model config asks for: `device` auto/cpu/cuda[:N], plus field overrides."""
+    plat = detect(None if device == "auto" else device)
+    return replace(plat, **overrides) if overrides else plat

@@ -1,0 +1,122 @@
+"""Gemma decoder layers for the PaliGemma prefix and the action expert, sharing one KV cache.
+
+Pi0's two stacks (Gemma 2B on the prefix, Gemma 300M on the suffix) attend jointly layer by layer.
+At inference the prefix runs once and leaves its per-layer K/V in a cache; each denoising step runs
+the expert on the suffix, writes the suffix K/V right after the valid prefix rows and attends over
+both. Prefix and suffix tokens are compact (masked tokens dropped), so positions equal cache rows
+and a key range [0, n) is the whole mask.
+
+Prepared weights: Q/K/V fused into one matrix with the 1/sqrt(head_dim) query scale folded in;
+gate/up fused; Gemma's RMSNorm `(1 + w)` folded into the projection that follows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .layout import GemmaDims
+
+EPS = 1e-6
+ROPE_THETA = 10_000.0
+
+
+@dataclass
+class GemmaLayer:
+    qkv: Tensor  # [(heads + 2) * head_dim, width]
+    o: Tensor  # [width, heads * head_dim]
+    gate_up: Tensor  # [2 * mlp, width]
+    down: Tensor  # [width, mlp]
+
+
+def load_layers(dims: GemmaDims, prefix: str, get: Callable[[str], Tensor], cast: Callable[[Tensor], Tensor],
+                fold_norms: bool) -> list[GemmaLayer]:
+    """Fused layers; with `fold_norms` the RMSNorm weights are folded in (plain Gemma norms)."""
+    layers = []
+    for n in range(dims.depth):
+        p = f"{prefix}.layers.{n}"
+        qkv = torch.cat([get(f"{p}.self_attn.q_proj.weight") * dims.head_dim**-0.5,
+                         get(f"{p}.self_attn.k_proj.weight"), get(f"{p}.self_attn.v_proj.weight")])
+        gate_up = torch.cat([get(f"{p}.mlp.gate_proj.weight"), get(f"{p}.mlp.up_proj.weight")])
+        if fold_norms:
+            qkv = qkv * (1 + get(f"{p}.input_layernorm.weight"))
+            gate_up = gate_up * (1 + get(f"{p}.post_attention_layernorm.weight"))
+        layers.append(GemmaLayer(cast(qkv), cast(get(f"{p}.self_attn.o_proj.weight")), cast(gate_up),
+                                 cast(get(f"{p}.mlp.down_proj.weight"))))
+    return layers
+
+
+def rope_tables(n_pos: int, head_dim: int, device, dtype) -> tuple[Tensor, Tensor]:
+    """cos [n, D] = [cos | cos] and sin [n, D] = [-sin | sin] for split-half RoPE, computed in fp32."""
+    inv = ROPE_THETA ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    ang = torch.arange(n_pos, device=device, dtype=torch.float32)[:, None] * inv[None, :]
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
+
+
+@dataclass
+class KVWindow:
+    """Which cache rows a set of queries attends: keys [0, n_valid) out of the first `n_keys` rows.
+
+    n_valid lives on the device (it depends on the prompt length), so a captured graph serves any
+    length. The flash backend reads it from cumulative-length tensors, SDPA from a key mask.
+    """
+
+    n_keys: int
+    max_q: int  # query rows (tokens * heads) given to the flash kernel
+    cu_q: Tensor | None = None  # int32 [0, valid query rows]
+    cu_k: Tensor | None = None  # int32 [0, n_valid]
+    key_mask: Tensor | None = None  # bool [n_keys]
+
+    def attend(self, ops, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        k, v = k_cache[: self.n_keys], v_cache[: self.n_keys]
+        if self.key_mask is None:
+            return ops.attention_flash_varlen(q, k, v, self.cu_q, self.cu_k, self.max_q, self.n_keys)
+        return ops.attention_sdpa(q, k, v, self.key_mask)
+
+
+@dataclass
+class Modulation:
+    """Pi0.5 adaRMSNorm terms for one denoising step: row j is norm j (layer l: 2l input, 2l+1 post;
+    last row the final norm)."""
+
+    scale1p: Tensor  # [2 * depth + 1, width], 1 + scale
+    shift: Tensor
+    gate: Tensor
+
+
+def _norm(ops, x: Tensor, mod: Modulation | None, j: int) -> Tensor:
+    return ops.rms_norm(x, EPS) if mod is None else ops.ada_rms_norm(x, mod.scale1p[j], mod.shift[j], EPS)
+
+
+def _add_norm(ops, x: Tensor, y: Tensor, mod: Modulation | None, gate_row: int, j: int) -> Tensor:
+    if mod is None:
+        return ops.add_rms_norm(x, y, EPS)
+    return ops.add_ada_rms_norm(x, y, mod.gate[gate_row], mod.scale1p[j], mod.shift[j], EPS)
+
+
+def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: Tensor, sin: Tensor,
+               k_cache: Tensor, v_cache: Tensor, slots: Tensor | None, window: KVWindow,
+               mod: Modulation | None = None, kv_only: bool = False) -> Tensor | None:
+    """Run decoder layers over tokens x [T, width] (updated in place as the residual stream).
+
+    Each layer writes its K/V into rows `slots` of k_cache[l] / v_cache[l] (rows 0..T-1 if None) and
+    attends over `window`. Returns the final-normed output (without the final norm's weight, which
+    the caller folds into its output projection), or None with `kv_only` (the prefix and Pi0's state
+    token are only needed for their K/V, so the last layer stops after attention).
+    """
+    h = _norm(ops, x, mod, 0)
+    last = len(layers) - 1
+    for i, L in enumerate(layers):
+        q = ops.rope_qkv(F.linear(h, L.qkv), cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
+        a = window.attend(ops, q, k_cache[i], v_cache[i])
+        if kv_only and i == last:
+            return None
+        h = _add_norm(ops, x, F.linear(a, L.o), mod, 2 * i, 2 * i + 1)
+        d = F.linear(ops.gelu_tanh_mul(F.linear(h, L.gate_up)), L.down)
+        h = _add_norm(ops, x, d, mod, 2 * i + 1, 2 * i + 2)
+    return h

@@ -1,0 +1,23 @@
+"""The fused ops the models call, dispatched once per engine.
+
+`for_platform(platform)` returns a namespace of functions: the native CUDA kernels of
+`flashrt._kernels` where that module is built for the GPU, the PyTorch versions in `torch_ops`
+otherwise. Models hold the namespace and never branch on the platform themselves.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from . import torch_ops
+
+OP_NAMES = (
+    "rms_norm", "add_rms_norm", "ada_rms_norm", "add_ada_rms_norm", "layer_norm", "add_layer_norm",
+    "gelu_tanh_mul", "rope_qkv", "attention_sdpa", "attention_flash_varlen", "attention_mha",
+)
+
+
+def for_platform(platform) -> SimpleNamespace:
+    ops = {name: getattr(torch_ops, name) for name in OP_NAMES}
+    ops["native"] = False
+    return SimpleNamespace(**ops)

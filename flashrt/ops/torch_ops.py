@@ -1,0 +1,110 @@
+"""Plain-PyTorch versions of every fused op the models call.
+
+These are the reference for the native kernels in csrc/ (same signatures, same semantics) and the
+path used on the CPU and wherever `flashrt._kernels` is not built. Each one is written to launch few
+kernels, since at batch 1 the launch count, not the arithmetic, sets the time.
+
+Conventions: activations are 2-D [tokens, width] in the model dtype; norms compute their statistics
+in float32; residual streams are updated in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rms_norm(x: Tensor, eps: float) -> Tensor:
+    """x * rsqrt(mean(x^2) + eps). Gemma's (1 + w) scale is folded into the next projection."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def add_rms_norm(x: Tensor, y: Tensor, eps: float) -> Tensor:
+    """x += y (in place); return rms_norm(x)."""
+    x.add_(y)
+    return rms_norm(x, eps)
+
+
+def ada_rms_norm(x: Tensor, scale1p: Tensor, shift: Tensor, eps: float) -> Tensor:
+    """Pi0.5 adaRMSNorm: rms_norm(x) * (1 + scale) + shift, with (1 + scale) precomputed."""
+    return torch.addcmul(shift, rms_norm(x, eps), scale1p)
+
+
+def add_ada_rms_norm(x: Tensor, y: Tensor, gate: Tensor, scale1p: Tensor, shift: Tensor, eps: float) -> Tensor:
+    """Pi0.5 gated residual then adaRMSNorm: x += gate * y (in place); return ada_rms_norm(x)."""
+    x.addcmul_(y, gate)
+    return ada_rms_norm(x, scale1p, shift, eps)
+
+
+def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def add_layer_norm(x: Tensor, y: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    """SigLIP residual then LayerNorm: x += y (in place); return layer_norm(x)."""
+    x.add_(y)
+    return layer_norm(x, w, b, eps)
+
+
+def gelu_tanh_mul(gate_up: Tensor) -> Tensor:
+    """GeGLU on the fused gate/up projection [T, 2M]: gelu_tanh(gate) * up -> [T, M]."""
+    m = gate_up.shape[-1] // 2
+    return F.gelu(gate_up[:, :m], approximate="tanh").mul_(gate_up[:, m:])
+
+
+def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, k_cache: Tensor, v_cache: Tensor,
+             slots: Tensor | None) -> Tensor:
+    """Rotary embedding on q and k of a fused QKV projection with one KV head.
+
+    qkv [T, (n_heads + 2) * D]; cos [T, D] = [cos | cos]; sin [T, D] = [-sin | sin] (split-half
+    rotation, tables built once). Writes rope(k) and v into rows `slots` of the caches [N, D]
+    (rows 0..T-1 when slots is None) and returns rope(q) as [T, n_heads, D].
+    """
+    t, d = qkv.shape[0], cos.shape[-1]
+    heads = qkv.view(t, n_heads + 2, d)
+    qk = heads[:, : n_heads + 1]
+    # rotate_half(x) = [-x2, x1]; with sin = [-sin | sin] it is roll(x, D/2) * sin.
+    rot = torch.addcmul(qk * cos[:, None], torch.roll(qk, d // 2, dims=-1), sin[:, None])
+    if slots is None:
+        k_cache[:t].copy_(rot[:, n_heads])
+        v_cache[:t].copy_(heads[:, n_heads + 1])
+    else:
+        k_cache.index_copy_(0, slots, rot[:, n_heads])
+        v_cache.index_copy_(0, slots, heads[:, n_heads + 1])
+    return rot[:, :n_heads]
+
+
+def attention_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_mask: Tensor) -> Tensor:
+    """Attention of q [T, H, D] (already scaled by D^-0.5) over one KV head k/v [N, D].
+
+    With a single KV head every query row attends the same keys, so the heads fold into the query
+    axis: one single-head attention over T*H rows, no head expansion and no transposes.
+    key_mask [N] bool marks the valid keys (prefix padding and unwritten rows are False).
+    """
+    t, h, d = q.shape
+    out = F.scaled_dot_product_attention(
+        q.reshape(1, 1, t * h, d), k_cache[None, None], v_cache[None, None],
+        attn_mask=key_mask[None, None, None, :], scale=1.0)
+    return out.view(t, h * d)
+
+
+def attention_flash_varlen(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor, cu_k: Tensor,
+                           max_q: int, max_k: int) -> Tensor:
+    """FlashAttention-2 varlen through PyTorch: keys [0, cu_k[1]) and queries [0, cu_q[1]) are valid.
+
+    The valid lengths live on the device (int32 [2] tensors), so one captured graph serves every
+    prompt length in its bucket with no mask and no recapture. Rows past cu_q[1] are left unwritten.
+    """
+    t, h, d = q.shape
+    out = torch.ops.aten._flash_attention_forward(
+        q.reshape(t * h, 1, d), k_cache[:, None], v_cache[:, None], cu_q, cu_k, max_q, max_k,
+        0.0, False, False, scale=1.0)[0]
+    return out.view(t, h * d)
+
+
+def attention_mha(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Unmasked multi-head attention for SigLIP: q/k/v [B, S, H, D] -> [B * S, H * D]."""
+    b, s, h, d = q.shape
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).reshape(b * s, h * d)

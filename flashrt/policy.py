@@ -1,0 +1,279 @@
+"""A loaded policy: config -> weights on the device -> captured engine; observations -> action chunks.
+
+`Policy.infer(obs)` validates the observation, writes it into the engine's static buffers (images
+resized on the device, the prompt tokenized on the host, state and noise staged in pinned memory and
+copied in one transfer each), replays the engine, and copies the action chunk to the host once.
+
+Observation: {"images": {camera: uint8 [H, W, 3]}, "state": float [state_dim],
+              "prompt": str (optional), "prompt_tokens": int ids (optional, instead of prompt)}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint, hardware, normalize, ops, tokenizer
+from .config import ModelConfig
+from .engine import Engine
+from .errors import ConfigError, InputError
+from .models import layout
+from .models.pi import PiModel
+from .preprocess import image_to_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_MAX_TOKENS = {"pi0": 48, "pi05": 200}
+DEFAULT_HORIZON = 50
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: str
+    kind: str
+    cameras: tuple[str, ...]
+    optional_cameras: tuple[str, ...]
+    image_size: tuple[int, int]
+    state_dim: int
+    action_horizon: int
+    action_dim: int
+    prompt: str  # "text or tokens" with a tokenizer, else "tokens"
+    default_prompt: str | None
+    max_prompt_tokens: int
+    prompt_buckets: tuple[int, ...]
+    num_steps: int
+    precision: str
+    device: str
+    platform: str
+    cuda_graphs: bool
+    random_weights: bool
+    checkpoint: str
+    normalization: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def default_buckets(max_tokens: int) -> list[int]:
+    """Prompt-length buckets: 32, 48, 64, 96, 128, 192, ... below max_tokens, then max_tokens itself
+    (a bucket within 15% of the maximum is dropped: it would save little and cost a capture)."""
+    sizes = [s for base in (32, 64, 128, 256, 512) for s in (base, base * 3 // 2)]
+    return [s for s in sizes if s * 1.15 < max_tokens] + [max_tokens]
+
+
+class Policy:
+    def __init__(self, config: ModelConfig):
+        t0 = time.perf_counter()
+        self.config = config
+        plat = hardware.for_config(config.device)
+        self.platform = plat
+        precision = plat.resolve_precision(config.precision)
+        self.device = torch.device(plat.device)
+        dtype = DTYPES[precision]
+        kind = config.kind
+
+        folder: Path | None = None
+        info = checkpoint.CheckpointInfo()
+        if config.checkpoint == "random":
+            dims = layout.preset(kind, config.random.size)
+            source = checkpoint.RandomSource(dims, config.random.seed)
+        else:
+            folder = checkpoint.resolve(config.checkpoint, config.revision)
+            source = checkpoint.SafetensorsSource(folder, kind)
+            info = checkpoint.read_info(folder)
+            dims = layout.infer_dims(kind, source.shapes)
+            checkpoint.check_layout(source, dims, str(folder))
+        horizon = config.action_horizon or info.action_horizon or DEFAULT_HORIZON
+        max_tokens = config.max_prompt_tokens or info.max_prompt_tokens or DEFAULT_MAX_TOKENS[kind]
+        buckets = config.prompt_buckets or default_buckets(max_tokens)
+        if config.state_dim > dims.action_dim or config.action_dim > dims.action_dim:
+            raise ConfigError(f"{config.name}: state_dim/action_dim must be <= the model's {dims.action_dim}")
+
+        self.tokenizer = tokenizer.load(config.tokenizer, folder)
+        self.discrete_state = kind == "pi05" and config.discrete_state is not False
+        norm = normalize.load(config.normalization, folder, kind, info.normalization_mapping,
+                              config.state_dim, config.action_dim)
+        self.norm = norm
+
+        with torch.inference_mode():
+            model = PiModel(dims, lambda k: source.get(k, self.device), self.device, dtype,
+                            ops.for_platform(plat), horizon, config.num_steps)
+            _set_affine(model.state_scale, model.state_offset, norm.state, config.state_dim)
+            _set_affine(model.action_scale, model.action_offset, norm.actions, config.action_dim)
+            if plat.is_cuda:
+                torch.cuda.synchronize(self.device)
+            self.load_s = time.perf_counter() - t0
+            cams = config.cameras
+            buf = model.buffers(len(cams), buckets, config.action_dim, plat.attention)
+            self.model, self.buf = model, buf
+            self._stage_inputs(len(cams), buckets[-1], horizon, dims)
+            self.engine = Engine(model, buf, buckets, self.device, config.cuda_graphs and plat.cuda_graphs)
+
+        self.dims, self.buckets = dims, buckets
+        self._tokens_per_image = dims.vision.tokens
+        self.spec = PolicySpec(
+            name=config.name, kind=kind, cameras=tuple(c.name for c in cams),
+            optional_cameras=tuple(c.name for c in cams if c.optional),
+            image_size=(dims.vision.image, dims.vision.image), state_dim=config.state_dim,
+            action_horizon=horizon, action_dim=config.action_dim,
+            prompt="text or tokens" if self.tokenizer else "tokens", default_prompt=config.prompt,
+            max_prompt_tokens=max_tokens, prompt_buckets=tuple(buckets), num_steps=config.num_steps,
+            precision=precision, device=str(self.device), platform=plat.name,
+            cuda_graphs=self.engine.graphed, random_weights=config.checkpoint == "random",
+            checkpoint=config.checkpoint if folder is None else str(folder), normalization=norm.source)
+        self._gen = torch.Generator(device=self.device)
+        self.reset()
+        self.first_call_s = time.perf_counter() - t0
+
+    # -----------------------------------------------------------------------------------------
+
+    def _stage_inputs(self, n_cams: int, l_max: int, horizon: int, dims) -> None:
+        """Pinned host staging buffers, each copied to the device in one transfer per call.
+
+        ints:   [tokens (l_max) | gather (n_img + l_max) | n_valid (1)] -> buf.tokens, buf.gather, buf.n_valid
+        floats: [state (action_dim) | noise (horizon * action_dim)]     -> buf.state, buf.noise
+        """
+        n_img = n_cams * dims.vision.tokens
+        pin = self.device.type == "cuda"
+        n_int = l_max + n_img + l_max + 1
+        self._ints_host = torch.zeros(n_int, dtype=torch.int64, pin_memory=pin)
+        self._ints_dev = torch.zeros(n_int, dtype=torch.int64, device=self.device)
+        a = dims.action_dim
+        self._floats_host = torch.zeros(a + horizon * a, dtype=torch.float32, pin_memory=pin)
+        self._floats_dev = torch.zeros_like(self._floats_host, device=self.device)
+        b = self.buf
+        b.tokens = self._ints_dev[:l_max]
+        b.gather = self._ints_dev[l_max:l_max + n_img + l_max]
+        b.n_valid = self._ints_dev[-1:]
+        b.state = self._floats_dev[:a]
+        b.noise = self._floats_dev[a:].view(horizon, a)
+        self._actions_host = torch.zeros(b.actions.shape, dtype=torch.float32, pin_memory=pin)
+        self._done = torch.cuda.Event() if pin else None
+
+    def reset(self) -> None:
+        """Start of an episode: the noise generator restarts from its seed, so runs are repeatable."""
+        self._gen.manual_seed(self.config.random.seed)
+
+    def infer(self, obs: dict, noise: np.ndarray | None = None) -> dict:
+        """One action chunk: {"actions": float32 [action_horizon, action_dim]}."""
+        if not isinstance(obs, dict):
+            raise InputError(f"observation must be a mapping, got {type(obs).__name__}")
+        spec = self.spec
+        images = obs.get("images")
+        if not isinstance(images, dict):
+            raise InputError("observation.images must be a mapping of camera name -> uint8 [H, W, 3] image")
+        unknown = sorted(set(images) - set(spec.cameras))
+        if unknown:
+            raise InputError(f"observation.images: unknown camera {unknown[0]!r} (cameras: {', '.join(spec.cameras)})")
+        present = tuple(name in images for name in spec.cameras)
+        for name, ok in zip(spec.cameras, present):
+            if not ok and name not in spec.optional_cameras:
+                raise InputError(f"observation.images: camera {name!r} is missing (it is not optional)")
+        state = _state(obs.get("state"), spec.state_dim)
+        tokens = self._prompt_tokens(obs, state)
+        bucket = next(b for b in self.buckets if b >= len(tokens))
+        with torch.inference_mode():
+            for i, name in enumerate(spec.cameras):
+                if present[i]:
+                    img = _image(images[name], name)
+                    image_to_model(torch.from_numpy(img).to(self.device, non_blocking=True), self.buf.images[i])
+            self._write_ints(tokens, present, bucket)
+            self._write_floats(state, noise)
+            self.engine.run(bucket)
+            return {"actions": self._fetch_actions()}
+
+    def _prompt_tokens(self, obs: dict, state: np.ndarray) -> np.ndarray:
+        if obs.get("prompt_tokens") is not None:
+            ids = np.asarray(obs["prompt_tokens"])
+            if ids.ndim != 1 or ids.dtype.kind not in "iu" or ids.size == 0:
+                raise InputError(f"observation.prompt_tokens must be a non-empty 1-D int array, got "
+                                 f"dtype {ids.dtype} shape {list(ids.shape)}")
+            if ids.min() < 0 or ids.max() >= self.dims.vocab:
+                raise InputError(f"observation.prompt_tokens: ids must be in [0, {self.dims.vocab})")
+        else:
+            text = obs.get("prompt", self.spec.default_prompt)
+            if not isinstance(text, str):
+                raise InputError("observation.prompt must be a string (and the model has no default prompt)"
+                                 if text is None else f"observation.prompt must be a string, got {type(text).__name__}")
+            if self.tokenizer is None:
+                raise InputError("this model has no tokenizer (set `tokenizer:` in its config): send prompt_tokens")
+            if self.discrete_state:
+                ids = self.tokenizer.pi05_prompt(text, self.norm.state(state))
+            else:
+                ids = self.tokenizer.pi0_prompt(text)
+            ids = np.asarray(ids, dtype=np.int64)
+            if ids.max(initial=0) >= self.dims.vocab:
+                raise InputError(f"the prompt tokenizes to ids beyond the model's vocabulary ({self.dims.vocab})")
+        if len(ids) > self.spec.max_prompt_tokens:
+            raise InputError(f"the prompt is {len(ids)} tokens; this model takes at most {self.spec.max_prompt_tokens}")
+        return ids
+
+    def _write_ints(self, tokens: np.ndarray, present: tuple[bool, ...], bucket: int) -> None:
+        l_max, t = self.buckets[-1], self._tokens_per_image
+        n_img = len(present) * t
+        host = self._ints_host.numpy()
+        host[: len(tokens)] = tokens
+        host[len(tokens):l_max] = 0
+        # Prefix rows: present cameras' tokens, then the prompt, then everything masked (kept for shape).
+        src = np.arange(n_img + l_max)
+        cams = [src[i * t:(i + 1) * t] for i in range(len(present))]
+        valid = [c for c, p in zip(cams, present) if p] + [src[n_img:n_img + len(tokens)]]
+        masked = [c for c, p in zip(cams, present) if not p] + [src[n_img + len(tokens):]]
+        host[l_max:l_max + n_img + l_max] = np.concatenate(valid + masked)
+        host[-1] = sum(len(v) for v in valid)
+        self._ints_dev.copy_(self._ints_host, non_blocking=True)
+
+    def _write_floats(self, state: np.ndarray, noise: np.ndarray | None) -> None:
+        a, h = self.dims.action_dim, self.spec.action_horizon
+        host = self._floats_host.numpy()
+        host[:a] = 0
+        host[: len(state)] = state  # raw: Pi0 normalizes on the device
+        if noise is not None:
+            noise = np.asarray(noise, dtype=np.float32)
+            if noise.shape != (h, a):
+                raise InputError(f"noise must have shape [{h}, {a}], got {list(noise.shape)}")
+            host[a:] = noise.ravel()
+        self._floats_dev.copy_(self._floats_host, non_blocking=True)
+        if noise is None:
+            torch.randn(self.buf.noise.shape, generator=self._gen, device=self.device, out=self.buf.noise)
+
+    def _fetch_actions(self) -> np.ndarray:
+        self._actions_host.copy_(self.buf.actions, non_blocking=self._done is not None)
+        if self._done is not None:
+            self._done.record()
+            self._done.synchronize()
+        return self._actions_host.numpy().copy()
+
+
+def _set_affine(scale: torch.Tensor, offset: torch.Tensor, aff: normalize.Affine, dim: int) -> None:
+    scale[:dim] = torch.from_numpy(aff.scale[:dim])
+    offset[:dim] = torch.from_numpy(aff.offset[:dim])
+
+
+def _state(value, dim: int) -> np.ndarray:
+    if value is None:
+        raise InputError(f"observation.state is missing (expected {dim} numbers)")
+    try:
+        arr = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InputError(f"observation.state must be {dim} numbers") from None
+    arr = arr.reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr
+    if arr.shape != (dim,):
+        raise InputError(f"observation.state must have shape [{dim}], got {list(arr.shape)}")
+    if not np.isfinite(arr).all():
+        raise InputError("observation.state holds NaN or infinite values")
+    return arr
+
+
+def _image(value, name: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise InputError(f"observation.images[{name!r}] must be a uint8 array [H, W, 3], got {type(value).__name__}")
+    if value.dtype != np.uint8 or value.ndim != 3 or value.shape[2] != 3 or min(value.shape[:2]) < 1:
+        raise InputError(f"observation.images[{name!r}] must be uint8 [H, W, 3], got {value.dtype} {list(value.shape)}")
+    if max(value.shape[:2]) > 4096:
+        raise InputError(f"observation.images[{name!r}] is {value.shape[1]}x{value.shape[0]}; at most 4096 pixels a side")
+    return np.ascontiguousarray(value)

@@ -24,7 +24,6 @@ from .engine import Engine
 from .errors import ConfigError, InputError
 from .models import layout
 from .models.pi import PiModel
-from .preprocess import image_to_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_TOKENS = {"pi0": 48, "pi05": 200}
@@ -177,10 +176,9 @@ class Policy:
         tokens = self._prompt_tokens(obs, state)
         bucket = next(b for b in self.buckets if b >= len(tokens))
         with torch.inference_mode():
-            for i, name in enumerate(spec.cameras):
-                if present[i]:
-                    img = _image(images[name], name)
-                    image_to_model(torch.from_numpy(img).to(self.device, non_blocking=True), self.buf.images[i])
+            self.model.ops.images_to_model(
+                [torch.from_numpy(_image(images[n], n)).to(self.device, non_blocking=True) if n in images else None
+                 for n in spec.cameras], self.buf.images)
             self._write_ints(tokens, present, bucket)
             self._write_floats(state, noise)
             self.engine.run(bucket)

@@ -3,6 +3,9 @@
 openpi's resize-with-pad: scale by max(w/S, h/S) keeping the aspect ratio (bilinear, no antialias,
 as LeRobot's torch version), centre it, pad with black (-1 after scaling). The result is written
 into the engine's static image buffer for that camera.
+
+`images_to_model` is the op the engine calls (dispatched like the model ops: a native kernel does all
+cameras in one launch); `image_to_model` is its per-image reference.
 """
 
 from __future__ import annotations
@@ -31,3 +34,10 @@ def image_to_model(img: Tensor, out: Tensor) -> None:
     r = F.interpolate(x[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
     out.fill_(-1)
     torch.mul(r, 2 / 255, out=out[:, top:top + nh, left:left + nw]).sub_(1)
+
+
+def images_to_model(images: list[Tensor | None], out: Tensor) -> None:
+    """images[i]: uint8 [H_i, W_i, 3] on the device, or None (slot i left as it is); out [C, 3, S, S]."""
+    for i, img in enumerate(images):
+        if img is not None:
+            image_to_model(img, out[i])

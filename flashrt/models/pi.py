@@ -219,7 +219,7 @@ class PiModel:
             x = F.linear(F.silu(F.linear(x_t, self.in_w, self.step_bias[k])), self.mlp_out_w, self.mlp_out_b)
         h = gemma.run_layers(self.ops, self.dims.expert, self.expert, x, buf.cos, buf.sin, buf.k_cache,
                              buf.v_cache, buf.slots, buf.windows[("steps", bucket)], mod=self.mods[k])
-        buf.x_t.add_(F.linear(h, self.out_w, self.out_b))
+        self.ops.linear_accumulate(buf.x_t, h, self.out_w, self.out_b)
         if k == self.num_steps - 1:
             n = buf.actions.shape[1]
             torch.addcmul(self.action_offset[:n], buf.x_t[:, :n], self.action_scale[:n], out=buf.actions)

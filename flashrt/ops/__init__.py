@@ -9,15 +9,21 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from .. import preprocess
 from . import torch_ops
 
 OP_NAMES = (
     "rms_norm", "add_rms_norm", "ada_rms_norm", "add_ada_rms_norm", "layer_norm", "add_layer_norm",
     "gelu_tanh_mul", "rope_qkv", "attention_sdpa", "attention_flash_varlen", "attention_mha",
+    "linear_accumulate", "images_to_model",
 )
 
 
+def reference_ops() -> dict:
+    return {name: getattr(torch_ops, name, None) or getattr(preprocess, name) for name in OP_NAMES}
+
+
 def for_platform(platform) -> SimpleNamespace:
-    ops = {name: getattr(torch_ops, name) for name in OP_NAMES}
+    ops = reference_ops()
     ops["native"] = False
     return SimpleNamespace(**ops)

@@ -103,6 +103,11 @@ def attention_flash_varlen(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Te
     return out.view(t, h * d)
 
 
+def linear_accumulate(acc: Tensor, x: Tensor, w: Tensor, b: Tensor) -> None:
+    """acc += x @ w.T + b, acc in float32: the flow's Euler update x_t += dt * v with dt folded into w, b."""
+    acc.add_(F.linear(x, w, b))
+
+
 def attention_mha(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Unmasked multi-head attention for SigLIP: q/k/v [B, S, H, D] -> [B * S, H * D]."""
     b, s, h, d = q.shape

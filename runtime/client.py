@@ -1,0 +1,147 @@
+"""A FlashRT policy client for robot computers: needs only pyzmq, msgpack and numpy.
+
+    client = PolicyClient("tcp://robot-server:5555")
+    actions = client.infer({"images": {"base_0_rgb": img}, "state": state, "prompt": "fold the towel"})["actions"]
+
+Every call has a timeout. On a timeout the client follows ZeroMQ's Lazy Pirate pattern: drop the
+socket (LINGER=0, so nothing lingers), reconnect and resend, up to `retries` times, then raise
+TimeoutError. A resent `infer` may run twice on the server; that is harmless, it has no side effects.
+Large arrays travel as extra ZeroMQ frames, sent from the arrays' own memory without a copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import zmq
+
+from .protocol import OPENPI, decode, encode
+
+
+class ServerError(Exception):
+    """The server answered with an error: `code` (see docs/protocol.md) and a message naming the problem."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class PolicyClient:
+    def __init__(
+        self,
+        endpoint: str = "tcp://127.0.0.1:5555",
+        model: str | None = None,
+        timeout_ms: int = 5000,
+        retries: int = 2,
+        token: str | None = None,
+        server_key: str | None = None,
+        client_cert: str | None = None,
+        encoding: str = OPENPI,
+        frames: bool = True,
+        context: zmq.Context | None = None,
+    ):
+        """`model`: the model to address (None: the server's only one). `token`: the admin token, for
+        load/unload. `server_key` / `client_cert`: CURVE certificate files (see runtime/security.py).
+        `encoding`: how arrays are sent; `frames`: large arrays as zero-copy extra frames (openpi only)."""
+        self.endpoint = endpoint
+        self.model = model
+        self.timeout_ms = timeout_ms
+        self.retries = retries
+        self.token = token
+        self.encoding = encoding
+        self.frames = frames and encoding == OPENPI
+        self._curve = (server_key, client_cert) if server_key else None
+        self._ctx = context or zmq.Context.instance()
+        self._ids = itertools.count(random.getrandbits(30))
+        self._socket: zmq.Socket | None = None
+        self.last_timing: dict | None = None  # the server's timing of the last reply
+
+    def _connect(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self._ctx.socket(zmq.REQ)
+            sock.linger = 0  # never block close() or process exit on an unsent request
+            if self._curve is not None:
+                from .security import client_curve
+
+                client_curve(sock, *self._curve)
+            sock.connect(self.endpoint)
+            self._socket = sock
+        return self._socket
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def __enter__(self) -> "PolicyClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def call(self, endpoint: str, data: Any = None, *, model: str | None = None, timeout_ms: int | None = None,
+             retries: int | None = None) -> Any:
+        """Send one request and return the reply's `data`; raises ServerError or TimeoutError."""
+        rid = next(self._ids)
+        msg: dict = {"endpoint": endpoint, "id": rid}
+        if data is not None:
+            msg["data"] = data
+        if (model or self.model) is not None:
+            msg["model"] = model or self.model
+        if self.token is not None:
+            msg["token"] = self.token
+        arrays: list | None = [] if self.frames else None
+        body = encode(msg, self.encoding, arrays)
+        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        attempts = 1 + (self.retries if retries is None else retries)
+        for _ in range(attempts):
+            sock = self._connect()
+            sock.send_multipart([body, *(arrays or ())], copy=False)
+            if sock.poll(timeout, zmq.POLLIN):
+                reply, _ = decode(sock.recv(copy=False).buffer)
+                return self._unwrap(reply, rid, endpoint)
+            self.close()  # Lazy Pirate: a REQ socket that missed its reply is unusable; start afresh
+        raise TimeoutError(f"no reply to {endpoint!r} from {self.endpoint} after {attempts} attempt(s) "
+                           f"of {timeout} ms")
+
+    def _unwrap(self, reply: Any, rid: int, endpoint: str) -> Any:
+        if not isinstance(reply, dict) or "ok" not in reply:
+            raise ServerError("bad_reply", f"the reply to {endpoint!r} is not a FlashRT reply: {reply!r:.200}")
+        if reply.get("id") not in (rid, None):
+            raise ServerError("bad_reply", f"the reply to request {rid} carries id {reply.get('id')!r}")
+        self.last_timing = reply.get("timing")
+        if not reply["ok"]:
+            error = reply.get("error") or {}
+            raise ServerError(error.get("code", "error"), error.get("message", "(no message)"))
+        return reply.get("data")
+
+    # The endpoints (docs/protocol.md)
+
+    def ping(self, **kw: Any) -> dict:
+        return self.call("ping", **kw)
+
+    def metadata(self, **kw: Any) -> dict:
+        return self.call("metadata", **kw)
+
+    def models(self, **kw: Any) -> list:
+        return self.call("models", **kw)["models"]
+
+    def stats(self, **kw: Any) -> dict:
+        return self.call("stats", **kw)
+
+    def infer(self, observation: dict, **kw: Any) -> dict:
+        """observation: {images: {camera: uint8 [H, W, 3]}, state: float [D], prompt?: str} -> {actions: ...}"""
+        return self.call("infer", observation, **kw)
+
+    def reset(self, **kw: Any) -> dict:
+        return self.call("reset", **kw)
+
+    def load(self, config: dict, timeout_ms: int = 600_000, **kw: Any) -> dict:
+        """Admin: load (or swap in) a model from a `models:` entry mapping. Not retried: loads are slow."""
+        return self.call("load", {"config": config}, timeout_ms=timeout_ms, retries=0, **kw)
+
+    def unload(self, name: str, **kw: Any) -> dict:
+        return self.call("unload", model=name, retries=0, **kw)

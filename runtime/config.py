@@ -1,0 +1,142 @@
+"""The deployment config: one YAML file with a `server:` section and a `models:` list.
+
+Parsed with flashrt's typed loader (`flashrt.config.parse`), so unknown keys are refused and every
+error names the file and the key. A served model is the engine's `ModelConfig` plus runtime-only
+keys (here: how Isaac-GR00T clients' keys map onto the model); the engine gets only its own schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flashrt.config import ModelConfig, check, parse, read_yaml
+from flashrt.errors import ConfigError
+
+DEFAULT_BIND = "tcp://0.0.0.0:5555"  # LAN-reachable: a robot on the network can connect
+
+
+@dataclass
+class CurveConfig:
+    """CURVE encryption and authentication (ZeroMQ's Ironhouse pattern).
+
+    secret_key: the server's certificate file holding its secret key (`NAME.key_secret`, as written by
+    `zmq.auth.create_certificates`); clients need the matching public key (`NAME.key`).
+    clients: a folder of the allowed clients' public certificates (`*.key`); a client whose key is
+    not there gets no connection. null: any client that knows the server's public key (encryption only).
+    """
+
+    secret_key: str
+    clients: str | None = None
+
+
+@dataclass
+class ServerConfig:
+    bind: str | list[str] = DEFAULT_BIND
+    max_message_bytes: int = 64 << 20  # a larger request is refused (too_large) before it is decoded
+    max_queue: int = 64  # requests waiting for one model before new ones are refused (busy)
+    admin_token: str | None = None  # needed by `load` / `unload`; null disables them. Env FLASHRT_ADMIN_TOKEN overrides
+    curve: CurveConfig | None = None
+    stats_window: int = 10_000  # latency percentiles are over this many most recent requests per model
+
+    @property
+    def binds(self) -> list[str]:
+        return [self.bind] if isinstance(self.bind, str) else list(self.bind)
+
+    def validate(self, where: str) -> None:
+        check(len(self.binds) >= 1, f"{where}.bind", "at least one endpoint", self.bind)
+        for b in self.binds:
+            check(b.startswith(("tcp://", "ipc://", "inproc://")), f"{where}.bind",
+                  "endpoints like tcp://0.0.0.0:5555 or ipc:///tmp/flashrt.sock", b)
+        check(1 << 10 <= self.max_message_bytes <= 1 << 31, f"{where}.max_message_bytes",
+              "a size in bytes between 1 KiB and 2 GiB", self.max_message_bytes)
+        check(self.max_queue >= 1, f"{where}.max_queue", "an int >= 1", self.max_queue)
+        check(self.admin_token is None or len(self.admin_token) >= 8, f"{where}.admin_token",
+              "a string of at least 8 characters, or null", "<hidden>")
+        check(self.stats_window >= 10, f"{where}.stats_window", "an int >= 10", self.stats_window)
+
+
+@dataclass
+class GrootMapping:
+    """How an Isaac-GR00T policy client's observation maps onto this model, and its reply back.
+
+    video: GR00T video key -> camera name, e.g. {video.ego_view: base_0_rgb}.
+    state: GR00T state keys, concatenated in this order into the state vector.
+    language: the GR00T key holding the task text (becomes the prompt).
+    actions: reply action groups -> number of action columns, taken in order, e.g. {left_arm: 7, gripper: 1}.
+    """
+
+    video: dict[str, str]
+    state: list[str]
+    actions: dict[str, int]
+    language: str = "annotation.human.task_description"
+
+    def validate(self, where: str) -> None:
+        check(len(self.video) >= 1, f"{where}.video", "at least one video key", self.video)
+        check(len(self.state) >= 1, f"{where}.state", "at least one state key", self.state)
+        check(len(self.actions) >= 1 and all(n >= 1 for n in self.actions.values()), f"{where}.actions",
+              "groups with a column count >= 1", self.actions)
+
+
+@dataclass
+class ServedModelConfig(ModelConfig):
+    """A `models:` entry: the engine's model schema plus runtime-only keys."""
+
+    groot: GrootMapping | None = None
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.groot is not None:
+            cameras = [c.name for c in self.cameras]
+            for key, cam in self.groot.video.items():
+                check(cam in cameras, f"{where}.groot.video.{key}", f"one of the model's cameras {cameras}", cam)
+            columns = sum(self.groot.actions.values())
+            check(columns <= self.action_dim, f"{where}.groot.actions",
+                  f"at most action_dim ({self.action_dim}) columns in all", columns)
+
+    def engine_config(self) -> ModelConfig:
+        """The engine's part of this entry: exactly flashrt's ModelConfig."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+@dataclass
+class DeploymentConfig:
+    server: ServerConfig
+    models: list[ServedModelConfig]
+    path: Path | None = None
+
+
+def parse_model(data: Any, where: str) -> ServedModelConfig:
+    return parse(ServedModelConfig, data, where)
+
+
+def parse_deployment(data: dict, where: str, base: Path | None = None) -> DeploymentConfig:
+    """A DeploymentConfig from a mapping; relative key-file paths are taken from `base`."""
+    unknown = sorted(set(map(str, data)) - {"server", "models"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (expected: server, models)")
+    server = parse(ServerConfig, data.get("server") or {}, f"{where}: server")
+    models_data = data.get("models")
+    if not isinstance(models_data, list) or not models_data:
+        raise ConfigError(f"{where}: models: expected a non-empty list of model configs")
+    models = [parse_model(m, f"{where}: models[{i}]") for i, m in enumerate(models_data)]
+    names = [m.name for m in models]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: models: the name {dupes[0]!r} is used twice; names must be unique")
+    if server.curve is not None and base is not None:
+        server.curve = CurveConfig(
+            secret_key=str(base / server.curve.secret_key),
+            clients=None if server.curve.clients is None else str(base / server.curve.clients),
+        )
+    return DeploymentConfig(server=server, models=models)
+
+
+def load_deployment(path: str | os.PathLike) -> DeploymentConfig:
+    path = Path(path)
+    config = parse_deployment(read_yaml(path), str(path), base=path.parent)
+    config.path = path
+    return config

@@ -1,0 +1,47 @@
+"""Loading a model for serving: build the engine, then warm it before it takes any request."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import ServedModelConfig
+from .observation import Inputs, synthetic_observation
+
+Loader = Callable[[ServedModelConfig], Any]  # config -> policy (spec, infer, reset)
+
+
+def flashrt_loader(config: ServedModelConfig) -> Any:
+    import flashrt  # imported here: torch and the engine stay out of anything that only talks protocol
+
+    return flashrt.load(config.engine_config())
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    config: ServedModelConfig
+    policy: Any
+    spec: dict  # policy.spec.to_dict(), for `metadata`
+    inputs: Inputs
+    generation: int  # increases with every load in this server, so a swap is visible to clients
+    load_s: float
+    loaded_at: float  # time.time()
+
+
+def load_model(config: ServedModelConfig, loader: Loader, generation: int) -> LoadedModel:
+    """Load, capture and run one warm-up inference; raises (FlashRTError etc.) if any step fails."""
+    t0 = time.perf_counter()
+    policy = loader(config)
+    spec = policy.spec.to_dict()
+    # The first call pays one-time costs (allocation, lazy init); pay them here, not on a robot's request.
+    actions = np.asarray(policy.infer(synthetic_observation(spec))["actions"])
+    expected = (spec["action_horizon"], spec["action_dim"])
+    if actions.shape != expected:
+        raise RuntimeError(f"model {config.name!r}: warm-up returned actions of shape {list(actions.shape)}, "
+                           f"its spec says {list(expected)}")
+    policy.reset()
+    return LoadedModel(config=config, policy=policy, spec=spec, inputs=Inputs.from_spec(policy.spec),
+                       generation=generation, load_s=time.perf_counter() - t0, loaded_at=time.time())

@@ -1,0 +1,408 @@
+"""The policy server: one ZeroMQ ROUTER socket, one I/O thread, one worker thread per loaded model.
+
+The I/O thread owns the sockets and the table of served models. It decodes each request, answers
+the cheap endpoints itself, validates observations and hands inference to the model's executor;
+workers send their encoded replies back through an inproc socket that the I/O thread forwards.
+Loading runs on a background thread and hands the warm model to the I/O thread to install, so a
+swap never blocks serving and never drops a request. Any failure becomes an error reply.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from functools import partial
+from time import perf_counter
+from typing import Any, Callable
+
+import zmq
+
+from .config import DeploymentConfig, ServedModelConfig, load_deployment, parse_model
+from .executor import ModelExecutor
+from .models import Loader, flashrt_loader, load_model
+from .observation import describe_io, groot_observation, groot_reply, observation
+from .protocol import (BAD_INPUT, BUSY, INTERNAL, OPENPI, TOO_LARGE, UNAUTHORIZED, UNAVAILABLE, UNKNOWN_ENDPOINT,
+                       UNKNOWN_MODEL, VERSION, ProtocolError, decode, parse_envelope)
+from .request import Request, error_of
+from .security import server_curve
+from .stats import ModelStats
+
+log = logging.getLogger("flashrt.runtime")
+
+ADMIN_ENDPOINTS = ("load", "unload")
+POLL_MS = 100  # how often the I/O loop looks at stop/reload flags when no message arrives
+
+
+def _split_route(frames: list) -> tuple[list[bytes], Any, list]:
+    """(routing frames, body, extra frames). ROUTER prepends the peer's identity; a REQ peer (or a
+    DEALER imitating one) puts an empty delimiter frame before the body."""
+    n = 2 if len(frames) >= 3 and len(frames[1]) == 0 else 1
+    return [f.bytes for f in frames[:n]], frames[n], frames[n + 1:]
+
+
+def _infer(obs: dict, policy: Any) -> dict:
+    return policy.infer(obs)
+
+
+def _infer_groot(obs: dict, mapping: Any, policy: Any) -> list:
+    return groot_reply(policy.infer(obs)["actions"], mapping)
+
+
+def _reset(policy: Any) -> dict:
+    policy.reset()
+    return {}
+
+
+class Server:
+    def __init__(self, config: DeploymentConfig, loader: Loader = flashrt_loader, admin_token: str | None = None):
+        self.config = config
+        self._loader = loader
+        self._admin_token = admin_token or config.server.admin_token
+        self._ctx = zmq.Context()
+        self._reply_address = f"inproc://flashrt-replies-{id(self)}"
+        # Owned by the I/O thread once serving; other threads hand it work through _call_soon.
+        self._executors: dict[str, ModelExecutor] = {}
+        self._retired: list[ModelExecutor] = []  # swapped out or unloaded, finishing their queues
+        self._stats: dict[str, ModelStats] = {}
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._load_lock = threading.Lock()  # one load at a time: two captures would compete for the GPU
+        self._generations = itertools.count(1)
+        self._stop_requested = False
+        self._reload_requested = False
+        self._started_at = time.time()
+        self._requests = 0
+        self._errors: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+        self._authenticator = None
+        self.bound: list[str] = []  # the endpoints actually bound (a `*` port resolved)
+        self._handlers: dict[str, Callable[[Request], None]] = {
+            "ping": self._ping, "metadata": self._metadata, "models": self._models, "stats": self._stats_endpoint,
+            "infer": self._infer, "get_action": self._infer, "reset": self._reset,
+            "load": self._load_endpoint, "unload": self._unload_endpoint,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # Lifecycle
+
+    def start(self) -> "Server":
+        """Load every model, bind, and serve on a background thread. Returns once serving."""
+        self._open()
+        self._thread = threading.Thread(target=self._loop, name="flashrt-io", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Load every model, bind, and serve on this thread until stop() (e.g. from a signal handler)."""
+        self._open()
+        self._loop()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let queued ones finish, close. Safe from any thread or a signal handler."""
+        self._stop_requested = True
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def reload(self) -> None:
+        """Re-read the config file and load what changed (SIGHUP). Safe from a signal handler."""
+        self._reload_requested = True
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _open(self) -> None:
+        """Bind first (a taken port fails fast), then load every model; clients that connect meanwhile
+        wait in the socket's queue, so a ping answered means every model is warm."""
+        self._inbox = self._ctx.socket(zmq.PULL)
+        self._inbox.bind(self._reply_address)
+        self._router = self._ctx.socket(zmq.ROUTER)
+        # A hard cap far above the polite limit: a peer sending more is disconnected by libzmq
+        # instead of making the server hold gigabytes; up to it, the peer gets a too_large reply.
+        self._router.maxmsgsize = 2 * self.config.server.max_message_bytes + (1 << 20)
+        try:
+            curve = self.config.server.curve
+            if curve is not None:
+                self._authenticator = server_curve(self._ctx, self._router, curve.secret_key, curve.clients)
+            for endpoint in self.config.server.binds:
+                try:
+                    self._router.bind(endpoint)
+                except zmq.ZMQError as e:
+                    raise OSError(f"cannot bind {endpoint}: {e}") from None
+                self.bound.append(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
+            for cfg in self.config.models:
+                self._install(self._build(cfg), None)
+        except BaseException:
+            for name in list(self._executors):
+                self._retire(name)
+            for ex in self._retired:
+                ex.join(5.0)
+            self._close()
+            raise
+        log.info("serving %s on %s", ", ".join(self._executors), ", ".join(self.bound))
+
+    def _close(self) -> None:
+        self._router.close(linger=1000)  # replies already queued still go out
+        self._inbox.close()
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        if all(ex.done() for ex in [*self._executors.values(), *self._retired]):
+            self._ctx.term()
+        else:  # a model call that never returns must not keep the process alive
+            log.warning("a model worker is still busy; closing without waiting for it")
+
+    # ------------------------------------------------------------------------------------------
+    # The I/O loop
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._inbox, zmq.POLLIN)
+        deadline = None
+        while True:
+            events = dict(poller.poll(POLL_MS))
+            if self._inbox in events:
+                self._on_inbox(self._inbox.recv_multipart())
+            if self._router in events:
+                self._on_request(self._router.recv_multipart(copy=False))
+            if self._reload_requested:
+                self._reload_requested = False
+                threading.Thread(target=self._reload, name="flashrt-reload", daemon=True).start()
+            if self._stop_requested:
+                if deadline is None:  # stop taking work; every queued request still gets its reply
+                    deadline = time.monotonic() + 10.0
+                    for name in list(self._executors):
+                        self._retire(name)
+                if (all(ex.done() for ex in self._retired) and not self._inbox.poll(0)) or time.monotonic() > deadline:
+                    break
+        self._close()
+        log.info("stopped")
+
+    def _on_inbox(self, frames: list[bytes]) -> None:
+        if frames == [b""]:  # a wake-up: run what other threads handed over
+            while True:
+                try:
+                    self._calls.get_nowait()()
+                except queue.Empty:
+                    return
+        self._router.send_multipart(frames)  # a worker's encoded reply
+
+    def _on_request(self, frames: list) -> None:
+        t_recv = perf_counter()
+        route, body, extra = _split_route(frames)
+        req = Request(route=route, t_recv=t_recv)
+        self._requests += 1
+        try:
+            size = sum(len(f) for f in frames[len(route):])
+            limit = self.config.server.max_message_bytes
+            if size > limit:
+                raise ProtocolError(TOO_LARGE, f"message of {size} bytes is over this server's limit of {limit} "
+                                               "bytes (server.max_message_bytes); it was not decoded")
+            msg, encoding = decode(body.buffer, [f.buffer for f in extra])
+            req.encoding = encoding or OPENPI
+            req.endpoint, req.data, req.model, req.id, token = parse_envelope(msg)
+            handler = self._handlers.get(req.endpoint)
+            if handler is None:
+                raise ProtocolError(UNKNOWN_ENDPOINT, f"unknown endpoint {req.endpoint!r} "
+                                                      f"(endpoints: {', '.join(self._handlers)})")
+            if self._stop_requested:
+                raise ProtocolError(UNAVAILABLE, "the server is shutting down")
+            if req.endpoint in ADMIN_ENDPOINTS:
+                self._authorize(req.endpoint, token)
+            handler(req)
+        except Exception as e:  # whatever happens, the client gets an answer and the loop goes on
+            code, message = error_of(e)
+            self._send_error(req, code, message)
+
+    def _send(self, req: Request, payload: Any) -> None:
+        self._router.send_multipart(req.reply(payload, {"server_ms": (perf_counter() - req.t_recv) * 1e3}))
+
+    def _send_error(self, req: Request, code: str, message: str) -> None:
+        self._errors[code] = self._errors.get(code, 0) + 1
+        self._router.send_multipart(req.error(code, message, {"server_ms": (perf_counter() - req.t_recv) * 1e3}))
+
+    def _call_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the I/O thread (from any other thread)."""
+        self._calls.put(fn)
+        with self._ctx.socket(zmq.PUSH) as wake:
+            wake.connect(self._reply_address)
+            wake.send(b"")
+
+    # ------------------------------------------------------------------------------------------
+    # Endpoints (on the I/O thread)
+
+    def _executor(self, req: Request) -> ModelExecutor:
+        if req.model is None:
+            if len(self._executors) == 1:
+                return next(iter(self._executors.values()))
+            raise ProtocolError(UNKNOWN_MODEL, "no model is loaded" if not self._executors else
+                                f"this server serves {len(self._executors)} models ({', '.join(self._executors)}); "
+                                "name one with 'model'")
+        ex = self._executors.get(req.model)
+        if ex is None:
+            raise ProtocolError(UNKNOWN_MODEL, f"unknown model {req.model!r} (serving: {', '.join(self._executors) or 'none'})")
+        return ex
+
+    def _authorize(self, endpoint: str, token: str | None) -> None:
+        if self._admin_token is None:
+            raise ProtocolError(UNAUTHORIZED, f"{endpoint!r} is disabled: this server has no admin token "
+                                              "(server.admin_token or FLASHRT_ADMIN_TOKEN)")
+        if token is None or not hmac.compare_digest(token.encode(), self._admin_token.encode()):
+            raise ProtocolError(UNAUTHORIZED, f"{endpoint!r} needs the server's admin token ('token' in the request)")
+
+    def _ping(self, req: Request) -> None:
+        self._send(req, {"status": "ok", "message": "Server is running", "protocol": VERSION,
+                         "models": list(self._executors)})
+
+    def _metadata(self, req: Request) -> None:
+        model = self._executor(req).model
+        self._send(req, {"model": model.config.name, "generation": model.generation, "spec": model.spec,
+                         **describe_io(model.spec), "groot": model.config.groot is not None})
+
+    def _models(self, req: Request) -> None:
+        self._send(req, {"models": [
+            {"name": name, "kind": ex.model.spec.get("kind"), "generation": ex.model.generation,
+             "loaded_at": ex.model.loaded_at, "load_s": ex.model.load_s, "queue": ex.depth,
+             "checkpoint": ex.model.config.checkpoint}
+            for name, ex in self._executors.items()]})
+
+    def _stats_endpoint(self, req: Request) -> None:
+        models = {}
+        for name, ex in self._executors.items():
+            models[name] = {**ex.stats.snapshot(), "queue": ex.depth, "generation": ex.model.generation}
+        self._send(req, {"uptime_s": time.time() - self._started_at, "requests": self._requests,
+                         "errors": dict(self._errors), "models": models})
+
+    def _infer(self, req: Request) -> None:
+        ex = self._executor(req)
+        model = ex.model
+        try:
+            if isinstance(req.data, dict) and "observation" in req.data:  # an Isaac-GR00T client
+                if model.config.groot is None:
+                    raise ProtocolError(BAD_INPUT, f"model {model.config.name!r} has no `groot:` key mapping in "
+                                                   "its config, so it cannot serve an Isaac-GR00T observation")
+                obs = groot_observation(req.data["observation"], model.config.groot, model.inputs)
+                req.bare = True
+                work = partial(_infer_groot, obs, model.config.groot)
+            else:
+                work = partial(_infer, observation(req.data, model.inputs))
+        except ProtocolError as e:
+            ex.stats.record_error(e.code)
+            raise
+        self._submit(ex, req, work)
+
+    def _reset(self, req: Request) -> None:
+        self._submit(self._executor(req), req, _reset)
+
+    def _submit(self, ex: ModelExecutor, req: Request, work: Callable[[Any], Any]) -> None:
+        req.t_ready = perf_counter()
+        if not ex.submit(req, work):
+            ex.stats.record_error(BUSY)
+            raise ProtocolError(BUSY, f"model {ex.model.config.name!r} already has {ex.depth} requests waiting "
+                                      "(server.max_queue); try again later")
+
+    def _load_endpoint(self, req: Request) -> None:
+        data = req.data
+        if not isinstance(data, dict) or set(data) != {"config"}:
+            raise ProtocolError(BAD_INPUT, "load: data must be {config: <a model config mapping, as in a "
+                                           "models: entry of the deployment config>}")
+        cfg = parse_model(data["config"], "load: config")  # ConfigError -> bad_config, before any work
+        threading.Thread(target=self._load_and_install, args=(cfg, req), name=f"load-{cfg.name}", daemon=True).start()
+
+    def _unload_endpoint(self, req: Request) -> None:
+        if req.model is None:
+            raise ProtocolError(BAD_INPUT, "unload: name the model with 'model'")
+        self._executor(req)  # unknown_model if it is not served
+        self._retire(req.model)
+        self._stats.pop(req.model, None)
+        self._send(req, {"model": req.model, "unloaded": True})
+
+    # ------------------------------------------------------------------------------------------
+    # Loading and swapping
+
+    def _build(self, cfg: ServedModelConfig) -> ModelExecutor:
+        """Load and warm a model, with its worker thread ready (any thread; slow)."""
+        model = load_model(cfg, self._loader, next(self._generations))
+        stats = self._stats.setdefault(cfg.name, ModelStats(self.config.server.stats_window))
+        return ModelExecutor(model, stats, self._ctx, self._reply_address, self.config.server.max_queue)
+
+    def _install(self, ex: ModelExecutor, req: Request | None) -> None:
+        """Switch a model's name to `ex` (I/O thread). The old worker finishes its queue on the old model."""
+        name = ex.model.config.name
+        old = self._executors.get(name)
+        if self._stop_requested:
+            ex.close()
+            self._retired.append(ex)
+            if req is not None:
+                self._send_error(req, UNAVAILABLE, "the server is shutting down")
+            return
+        self._executors[name] = ex
+        self._stats[name] = ex.stats
+        if old is not None:
+            old.close()
+            self._retired.append(old)
+        self._retired = [r for r in self._retired if not r.done()]
+        log.info("model %r generation %d serving (loaded in %.2f s%s)", name, ex.model.generation, ex.model.load_s,
+                 f", replacing generation {old.model.generation}" if old else "")
+        if req is not None:
+            self._send(req, {"model": name, "generation": ex.model.generation, "load_s": ex.model.load_s,
+                             "replaced": None if old is None else old.model.generation})
+
+    def _retire(self, name: str) -> None:
+        ex = self._executors.pop(name)
+        ex.close()
+        self._retired.append(ex)
+
+    def _load_and_install(self, cfg: ServedModelConfig, req: Request | None) -> bool:
+        """Load beside the serving model, then hand over to the I/O thread; a failure changes nothing."""
+        with self._load_lock:
+            try:
+                ex = self._build(cfg)
+            except Exception as e:
+                code, message = error_of(e)
+                serving = cfg.name in self._executors
+                text = (f"loading model {cfg.name!r} failed, "
+                        f"{'the running one keeps serving' if serving else 'nothing was loaded'}: {message}")
+                log.error("%s", text)
+                if req is not None:
+                    self._call_soon(partial(self._send_error, req, code, text))
+                return False
+            self._call_soon(partial(self._install, ex, req))
+            return True
+
+    def _reload(self) -> None:
+        """SIGHUP: load new or changed models from the config file, unload removed ones."""
+        path = self.config.path
+        if path is None:
+            log.error("reload: this server was not started from a config file")
+            return
+        try:
+            new = load_deployment(path)
+        except Exception as e:
+            log.error("reload: %s; nothing changed", e)
+            return
+        if new.server != self.config.server:
+            log.warning("reload: the server section changed; restart the server to apply it")
+        serving = {name: ex.model.config for name, ex in dict(self._executors).items()}
+        for cfg in new.models:
+            if serving.get(cfg.name) != cfg:
+                log.info("reload: loading model %r", cfg.name)
+                self._load_and_install(cfg, None)
+        for name in set(serving) - {cfg.name for cfg in new.models}:
+            log.info("reload: unloading model %r", name)
+            self._call_soon(partial(self._unload_quietly, name))
+
+    def _unload_quietly(self, name: str) -> None:
+        if name in self._executors:
+            self._retire(name)
+            self._stats.pop(name, None)
+
+
+def admin_token_from_env() -> str | None:
+    return os.environ.get("FLASHRT_ADMIN_TOKEN") or None

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import ServedModelConfig
-from .observation import Inputs, synthetic_observation
+from .observation import synthetic_observation
 
 Loader = Callable[[ServedModelConfig], Any]  # config -> policy (spec, infer, reset)
 
@@ -25,7 +25,7 @@ class LoadedModel:
     config: ServedModelConfig
     policy: Any
     spec: dict  # policy.spec.to_dict(), for `metadata`
-    inputs: Inputs
+    required_cameras: frozenset[str]  # for Isaac-GR00T requests' own error messages
     generation: int  # increases with every load in this server, so a swap is visible to clients
     load_s: float
     loaded_at: float  # time.time()
@@ -43,5 +43,6 @@ def load_model(config: ServedModelConfig, loader: Loader, generation: int) -> Lo
         raise RuntimeError(f"model {config.name!r}: warm-up returned actions of shape {list(actions.shape)}, "
                            f"its spec says {list(expected)}")
     policy.reset()
-    return LoadedModel(config=config, policy=policy, spec=spec, inputs=Inputs.from_spec(policy.spec),
+    return LoadedModel(config=config, policy=policy, spec=spec,
+                       required_cameras=frozenset(c.name for c in config.cameras if not c.optional),
                        generation=generation, load_s=time.perf_counter() - t0, loaded_at=time.time())

@@ -1,13 +1,13 @@
 """From a request's `data` to the engine's observation, and from the action chunk back to a reply.
 
-Checks run on the server's I/O thread, so a malformed observation is refused at once instead of
-waiting in the model's queue behind real inferences; the engine checks again (it is also used
-without the runtime). Needs only numpy: the client uses `synthetic_observation` too.
+The engine checks the observation against the model (cameras, dtypes, shapes, state size) and raises
+InputError naming the field; this module checks only what the wire adds: unknown keys (a misspelled
+`promt` would otherwise be ignored silently) and Isaac-GR00T's key mapping. Needs only numpy: the
+client uses `synthetic_observation` too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,72 +27,14 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """What one loaded model accepts, from its PolicySpec."""
-
-    cameras: tuple[str, ...]  # every camera the model knows, required ones first
-    required: frozenset[str]
-    state_dim: int
-
-    @classmethod
-    def from_spec(cls, spec: Any) -> "Inputs":
-        optional = tuple(getattr(spec, "optional_cameras", ()) or ())
-        required = tuple(c for c in spec.cameras if c not in optional)
-        return cls(cameras=required + tuple(c for c in optional if c not in required),
-                   required=frozenset(required), state_dim=int(spec.state_dim))
-
-
-def observation(data: Any, inputs: Inputs) -> dict:
-    """The engine observation for a native `infer` request's data; ProtocolError names the bad field."""
+def observation(data: Any) -> dict:
+    """The engine observation of a native `infer` request: {images, state, prompt?, prompt_tokens?}."""
     if not isinstance(data, dict):
         raise _fail(f"data: expected a map {{images, state, prompt?}}, got {_describe(data)}")
     for key in data:
         if key not in DATA_KEYS:
             raise _fail(f"data: unknown key {key!r} (expected: {', '.join(DATA_KEYS)})")
-
-    images = data.get("images")
-    if not isinstance(images, dict):
-        raise _fail(f"data.images: expected a map of camera name -> uint8 image [H, W, 3], got {_describe(images)}")
-    for name, image in images.items():
-        where = f"data.images.{name}"
-        if name not in inputs.cameras:
-            raise _fail(f"data.images: unknown camera {name!r} (this model's cameras: {', '.join(inputs.cameras)})")
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-            raise _fail(f"{where}: expected a uint8 image [H, W, 3], got {_describe(image)}")
-        if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
-            raise _fail(f"{where}: expected shape [H, W, 3], got {list(image.shape)}")
-    missing = [c for c in inputs.cameras if c in inputs.required and c not in images]
-    if missing:
-        raise _fail(f"data.images: missing camera {missing[0]!r} (required: {', '.join(sorted(inputs.required))})")
-
-    obs: dict[str, Any] = {"images": images, "state": _state(data.get("state"), inputs.state_dim)}
-    prompt = data.get("prompt")
-    if prompt is not None:
-        if not isinstance(prompt, str):
-            raise _fail(f"data.prompt: expected a string, got {_describe(prompt)}")
-        obs["prompt"] = prompt
-    tokens = data.get("prompt_tokens")
-    if tokens is not None:
-        tokens = np.asarray(tokens) if isinstance(tokens, list) else tokens
-        if not isinstance(tokens, np.ndarray) or tokens.dtype.kind not in "iu" or tokens.ndim != 1:
-            raise _fail(f"data.prompt_tokens: expected a 1-D int array, got {_describe(tokens)}")
-        obs["prompt_tokens"] = tokens
-    return obs
-
-
-def _state(state: Any, state_dim: int) -> np.ndarray:
-    if state is None:
-        raise _fail(f"data.state: required (a float array [{state_dim}])")
-    if isinstance(state, list):  # clients without an array encoder may send a plain list of numbers
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in state):
-            raise _fail("data.state: a list must hold only numbers")
-        state = np.asarray(state, dtype=np.float32)
-    if not isinstance(state, np.ndarray) or state.dtype.kind not in "fiu":
-        raise _fail(f"data.state: expected a float array [{state_dim}], got {_describe(state)}")
-    if state.shape != (state_dim,):
-        raise _fail(f"data.state: expected shape [{state_dim}], got {list(state.shape)}")
-    return state if state.dtype.kind == "f" else state.astype(np.float32)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +64,7 @@ def _latest(x: Any, ndim: int, where: str) -> np.ndarray:
     return x.reshape(-1, *x.shape[x.ndim - ndim:])[-1] if lead else x
 
 
-def groot_observation(obs: Any, mapping: Any, inputs: Inputs) -> dict:
+def groot_observation(obs: Any, mapping: Any, required_cameras: frozenset[str]) -> dict:
     """The engine observation for an Isaac-GR00T `get_action` request, through the config's mapping."""
     if not isinstance(obs, dict):
         raise _fail(f"data.observation: expected a map, got {_describe(obs)}")
@@ -131,7 +73,7 @@ def groot_observation(obs: Any, mapping: Any, inputs: Inputs) -> dict:
     for key, camera in mapping.video.items():
         if key in flat:
             images[camera] = _latest(flat[key], 3, f"observation.{key}")
-        elif camera in inputs.required:
+        elif camera in required_cameras:
             raise _fail(f"observation: missing {key!r} (mapped to camera {camera!r}); keys sent: {sorted(flat)}")
     states = []
     for key in mapping.state:
@@ -144,7 +86,7 @@ def groot_observation(obs: Any, mapping: Any, inputs: Inputs) -> dict:
         text = text[0]
     if text is not None:
         data["prompt"] = text
-    return observation(data, inputs)
+    return data
 
 
 def groot_reply(actions: np.ndarray, mapping: Any) -> list:

@@ -76,7 +76,7 @@ class Server:
         self._reload_requested = False
         self._started_at = time.time()
         self._requests = 0
-        self._errors: dict[str, int] = {}
+        self._rejected: dict[str, int] = {}  # error replies sent by the I/O thread itself, by code
         self._thread: threading.Thread | None = None
         self._authenticator = None
         self.bound: list[str] = []  # the endpoints actually bound (a `*` port resolved)
@@ -224,7 +224,7 @@ class Server:
         self._router.send_multipart(req.reply(payload, {"server_ms": (perf_counter() - req.t_recv) * 1e3}))
 
     def _send_error(self, req: Request, code: str, message: str) -> None:
-        self._errors[code] = self._errors.get(code, 0) + 1
+        self._rejected[code] = self._rejected.get(code, 0) + 1
         self._router.send_multipart(req.error(code, message, {"server_ms": (perf_counter() - req.t_recv) * 1e3}))
 
     def _call_soon(self, fn: Callable[[], None]) -> None:
@@ -277,7 +277,7 @@ class Server:
         for name, ex in self._executors.items():
             models[name] = {**ex.stats.snapshot(), "queue": ex.depth, "generation": ex.model.generation}
         self._send(req, {"uptime_s": time.time() - self._started_at, "requests": self._requests,
-                         "errors": dict(self._errors), "models": models})
+                         "rejected": dict(self._rejected), "models": models})
 
     def _infer(self, req: Request) -> None:
         ex = self._executor(req)
@@ -287,11 +287,11 @@ class Server:
                 if model.config.groot is None:
                     raise ProtocolError(BAD_INPUT, f"model {model.config.name!r} has no `groot:` key mapping in "
                                                    "its config, so it cannot serve an Isaac-GR00T observation")
-                obs = groot_observation(req.data["observation"], model.config.groot, model.inputs)
+                obs = groot_observation(req.data["observation"], model.config.groot, model.required_cameras)
                 req.bare = True
                 work = partial(_infer_groot, obs, model.config.groot)
             else:
-                work = partial(_infer, observation(req.data, model.inputs))
+                work = partial(_infer, observation(req.data))
         except ProtocolError as e:
             ex.stats.record_error(e.code)
             raise

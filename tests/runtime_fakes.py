@@ -61,10 +61,22 @@ class FakePolicy:
             raise RuntimeError("FakePolicy.infer called from two threads at once")
         try:
             spec = self.spec
+            if not isinstance(obs.get("images"), dict):
+                raise InputError("observation.images must be a mapping of camera name -> uint8 [H, W, 3] image")
+            if obs.get("prompt") == "crash":  # an unexpected failure inside the model
+                raise ZeroDivisionError("the fake model divided by zero")
             for cam in spec.cameras:
                 if cam not in spec.optional_cameras and cam not in obs["images"]:
-                    raise InputError(f"images: missing camera {cam!r}")
-            state = obs["state"]
+                    raise InputError(f"observation.images: camera {cam!r} is missing")
+            for cam, image in obs["images"].items():
+                if cam not in spec.cameras:
+                    raise InputError(f"observation.images: unknown camera {cam!r}")
+                if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                    raise InputError(f"observation.images[{cam!r}] must be uint8 [H, W, 3]")
+            try:
+                state = np.asarray(obs.get("state"), dtype=np.float32)
+            except (TypeError, ValueError):
+                raise InputError("observation.state must be numbers") from None
             if state.shape != (spec.state_dim,):
                 raise InputError(f"state: expected shape [{spec.state_dim}], got {list(state.shape)}")
             if self.infer_s:

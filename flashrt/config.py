@@ -218,6 +218,8 @@ class ModelConfig:
     prompt_buckets: list[int] | None = None
     discrete_state: bool | None = None
     cuda_graphs: bool = True
+    kernels: Literal["auto", "torch"] = "auto"  # "torch": never use flashrt._kernels (debugging, A/B runs)
+    attention: Literal["auto", "flash_varlen", "sdpa"] = "auto"  # override the platform's attention choice
     normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
 
     def validate(self, where: str) -> None:

@@ -68,7 +68,12 @@ class Policy:
     def __init__(self, config: ModelConfig):
         t0 = time.perf_counter()
         self.config = config
-        plat = hardware.for_config(config.device)
+        overrides: dict = {}
+        if config.kernels == "torch":
+            overrides["native_kernels"] = False
+        if config.attention != "auto":
+            overrides["attention"] = config.attention
+        plat = hardware.for_config(config.device, **overrides)
         self.platform = plat
         precision = plat.resolve_precision(config.precision)
         self.device = torch.device(plat.device)

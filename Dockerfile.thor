@@ -38,18 +38,19 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # Two environments: /opt/build holds the build backend (scikit-build-core, pybind11, CMake, ninja)
-# and never reaches the runtime stage; /opt/venv is what runs. /opt/venv sees the system
+# and never reaches the runtime stage; its tools are pinned here, so NGC's pip constraints (set by
+# environment or pip.conf) are switched off for it. /opt/venv is what runs: it sees the system
 # site-packages, so the NGC torch is the torch it imports. Its constraints file holds NGC's own
 # pins (/etc/pip/constraint.txt, which keeps the image's compiled packages at the versions NGC
 # tested) plus torch's exact version; every later pip command uses it (PIP_CONSTRAINT stays set in
 # the runtime image too).
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/build \
- && /opt/build/bin/pip install pip==26.3 scikit-build-core==1.1.2 pybind11==3.1.0 cmake==4.4.4 ninja==1.13.2 \
+ && PIP_CONFIG_FILE=/dev/null PIP_CONSTRAINT='' \
+    /opt/build/bin/pip install pip==26.3 scikit-build-core==1.1.2 pybind11==3.1.0 cmake==4.4.4 ninja==1.13.2 \
  && python3 -m venv --system-site-packages /opt/venv \
  && { cat /etc/pip/constraint.txt 2>/dev/null || true; \
       /opt/venv/bin/python -c "import torch; print(f'torch=={torch.__version__}')"; } > /opt/venv/constraints.txt \
- && /opt/venv/bin/pip install --constraint /opt/venv/constraints.txt pip==26.3 \
  && grep '^torch==' /opt/venv/constraints.txt
 
 COPY . /src

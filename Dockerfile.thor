@@ -34,7 +34,7 @@ ARG FLASHRT_REQUIRE_KERNELS=1
 ARG DEBIAN_FRONTEND=noninteractive
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3-venv ccache \
+ && apt-get install -y --no-install-recommends python3-venv python3-dev ccache \
  && rm -rf /var/lib/apt/lists/*
 
 # Two environments: /opt/build holds the build backend (scikit-build-core, pybind11, CMake, ninja)

@@ -26,12 +26,12 @@ class LoadedModel:
     policy: Any
     spec: dict  # policy.spec.to_dict(), for `metadata`
     required_cameras: frozenset[str]  # for Isaac-GR00T requests' own error messages
-    generation: int  # increases with every load in this server, so a swap is visible to clients
     load_s: float
     loaded_at: float  # time.time()
+    generation: int = 0  # set by the server: +1 for every successful load, so a swap is visible to clients
 
 
-def load_model(config: ServedModelConfig, loader: Loader, generation: int) -> LoadedModel:
+def load_model(config: ServedModelConfig, loader: Loader) -> LoadedModel:
     """Load, capture and run one warm-up inference; raises (FlashRTError etc.) if any step fails."""
     t0 = time.perf_counter()
     policy = loader(config)
@@ -45,4 +45,4 @@ def load_model(config: ServedModelConfig, loader: Loader, generation: int) -> Lo
     policy.reset()
     return LoadedModel(config=config, policy=policy, spec=spec,
                        required_cameras=frozenset(c.name for c in config.cameras if not c.optional),
-                       generation=generation, load_s=time.perf_counter() - t0, loaded_at=time.time())
+                       load_s=time.perf_counter() - t0, loaded_at=time.time())

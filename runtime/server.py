@@ -328,7 +328,8 @@ class Server:
 
     def _build(self, cfg: ServedModelConfig) -> ModelExecutor:
         """Load and warm a model, with its worker thread ready (any thread; slow)."""
-        model = load_model(cfg, self._loader, next(self._generations))
+        model = load_model(cfg, self._loader)
+        model.generation = next(self._generations)  # loads are serialized, so generations follow install order
         stats = self._stats.setdefault(cfg.name, ModelStats(self.config.server.stats_window))
         return ModelExecutor(model, stats, self._ctx, self._reply_address, self.config.server.max_queue)
 

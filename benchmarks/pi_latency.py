@@ -52,7 +52,7 @@ def flashrt_case(kind: str, n_cams: int, kernels: str) -> dict:
     policy.infer(obs)
     out = {"first_call_s": time.perf_counter() - t0, "load_s": policy.load_s,
            "capture_s": policy.engine.capture_s, "native_kernels": policy.model.ops.native,
-           "attention": policy.platform.attention}
+           "attention": policy.platform.attention_for(policy.spec.precision)}
     for n_tok in ([48, 200] if kind == "pi05" else [48]):
         obs = observation(n_cams, n_tok, rng)
         policy.infer(obs)  # stage this prompt's inputs in the static buffers
@@ -60,7 +60,7 @@ def flashrt_case(kind: str, n_cams: int, kernels: str) -> dict:
         r = {"bucket": bucket,
              "replay_ms": cuda_timed(lambda: policy.engine.run(bucket), 10, 100),
              "infer_ms": wall_timed(lambda: policy.infer(obs), 10, 100),
-             "kernels_per_inference": count_kernels(lambda: [s.fn() for s in policy.engine.segments(bucket)]),
+             "kernels_per_inference": count_kernels(lambda: policy.engine.run_eager(bucket)),
              "segments_ms": policy.engine.time_segments(bucket)}
         out[f"tokens_{n_tok}"] = r
     del policy

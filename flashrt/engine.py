@@ -56,6 +56,12 @@ class Engine:
         for seg in self.plans[bucket]:
             seg.launch()
 
+    def run_eager(self, bucket: int) -> None:
+        """The same inference without graphs (for checking replay and counting kernels)."""
+        with torch.inference_mode():
+            for seg in self.plans[bucket]:
+                seg.fn()
+
     def _capture(self) -> None:
         t0 = time.perf_counter()
         # Warm up on a side stream first: cuBLAS/cuDNN handles and workspaces are created outside capture.

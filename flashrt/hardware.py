@@ -25,10 +25,19 @@ class Platform:
     attention: str  # "flash_varlen" (FlashAttention varlen through torch) or "sdpa" (masked SDPA)
     cuda_graphs: bool
     native_kernels: bool  # flashrt._kernels is built for this GPU and may be used
+    _attention_forced: bool = False  # set when a config overrides the attention choice
 
     @property
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+    def attention_for(self, precision: str) -> str:
+        """The attention backend for a precision: FlashAttention runs only in fp16/bf16."""
+        if precision == "fp32":
+            if self.attention == "flash_varlen" and self._attention_forced:
+                raise PlatformError("attention 'flash_varlen' needs fp16 or bf16 precision, not fp32")
+            return "sdpa"
+        return self.attention
 
     def resolve_precision(self, requested: str) -> str:
         if requested == "auto":

@@ -72,7 +72,7 @@ class Policy:
         if config.kernels == "torch":
             overrides["native_kernels"] = False
         if config.attention != "auto":
-            overrides["attention"] = config.attention
+            overrides.update(attention=config.attention, _attention_forced=True)
         plat = hardware.for_config(config.device, **overrides)
         self.platform = plat
         precision = plat.resolve_precision(config.precision)
@@ -112,7 +112,7 @@ class Policy:
                 torch.cuda.synchronize(self.device)
             self.load_s = time.perf_counter() - t0
             cams = config.cameras
-            buf = model.buffers(len(cams), buckets, config.action_dim, plat.attention)
+            buf = model.buffers(len(cams), buckets, config.action_dim, plat.attention_for(precision))
             self.model, self.buf = model, buf
             self._stage_inputs(len(cams), buckets[-1], horizon, dims)
             self.engine = Engine(model, buf, buckets, self.device, config.cuda_graphs and plat.cuda_graphs)

@@ -126,7 +126,7 @@ class SafetensorsSource(TensorSource):
                             continue
                         self._where[key] = (file, raw)
                         self.shapes[key] = tuple(f.get_slice(raw).get_shape())
-            except (OSError, ValueError) as e:  # safetensors raises SafetensorError (a ValueError subclass)
+            except Exception as e:  # safetensors raises its own SafetensorError, OSError or ValueError
                 raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
         # Tied embeddings: save_model keeps one of embed_tokens / lm_head; either serves.
         if layout.EMBED not in self.shapes and layout.LM_HEAD in self.shapes:

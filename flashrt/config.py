@@ -109,7 +109,7 @@ def parse(cls: type, data: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (expected one of: {', '.join(fields)})")
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key {unknown[0]!r} (expected one of: {', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
         key_where = f"{where}.{name}"

@@ -1,7 +1,8 @@
 """State and action normalization: statistics from the checkpoint (or the config), as affine maps.
 
-Every supported mode is affine per dimension, so normalizing is `x * scale + offset` and the engine
-applies it on the device in one fused op (Pi0's state, every action chunk). Where the statistics
+Every supported mode is affine per dimension, so (un)normalizing is `(x - sub) * scale + add` and the
+engine applies it on the device in two small ops (Pi0's state, every action chunk). Subtracting first
+keeps a degenerate dimension (q01 == q99, a scale of 1e8) exact in float32. Where the statistics
 come from decides the epsilon, as in the code that trained the model:
 
 | source                          | mean/std                     | quantile (q01/q99)                     |
@@ -28,17 +29,23 @@ LEROBOT_MODES = {"MEAN_STD": "mean_std", "QUANTILES": "quantile", "IDENTITY": "i
 
 @dataclass
 class Affine:
-    """y = x * scale + offset, per dimension (float32 vectors)."""
+    """y = (x - sub) * scale + add, per dimension (float32 vectors)."""
 
+    sub: np.ndarray
     scale: np.ndarray
-    offset: np.ndarray
+    add: np.ndarray
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return (x * self.scale[: x.shape[-1]] + self.offset[: x.shape[-1]]).astype(np.float32)
+        n = x.shape[-1]
+        return ((x - self.sub[:n]) * self.scale[:n] + self.add[:n]).astype(np.float32)
+
+    def rows(self) -> np.ndarray:
+        """[3, dim]: sub, scale, add (the engine's device layout)."""
+        return np.stack([self.sub, self.scale, self.add]).astype(np.float32)
 
     @staticmethod
     def identity(dim: int) -> "Affine":
-        return Affine(np.ones(dim, np.float32), np.zeros(dim, np.float32))
+        return Affine(np.zeros(dim, np.float32), np.ones(dim, np.float32), np.zeros(dim, np.float32))
 
 
 @dataclass
@@ -69,9 +76,9 @@ def affine(stats: dict[str, np.ndarray], mode: str, style: str, dim: int, invers
         span = span + 1e-6 if style == "openpi" else np.where(span == 0, 1e-8, span)
         lo, width, shift = a, span / 2, -1.0  # x_norm = (x - q01) / (span / 2) - 1
     if inverse:  # x = (x_norm - shift) * width + lo
-        out.scale[:n], out.offset[:n] = width, lo - shift * width
-    else:
-        out.scale[:n], out.offset[:n] = 1 / width, -lo / width + shift
+        out.sub[:n], out.scale[:n], out.add[:n] = shift, width, lo
+    else:  # x_norm = (x - lo) / width + shift
+        out.sub[:n], out.scale[:n], out.add[:n] = lo, 1 / width, shift
     return out
 
 

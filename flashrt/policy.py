@@ -106,8 +106,8 @@ class Policy:
         with torch.inference_mode():
             model = PiModel(dims, lambda k: source.get(k, self.device), self.device, dtype,
                             ops.for_platform(plat), horizon, config.num_steps)
-            _set_affine(model.state_scale, model.state_offset, norm.state, config.state_dim)
-            _set_affine(model.action_scale, model.action_offset, norm.actions, config.action_dim)
+            model.state_norm[:, : config.state_dim] = torch.from_numpy(norm.state.rows())
+            model.action_unnorm[:, : config.action_dim] = torch.from_numpy(norm.actions.rows())
             if plat.is_cuda:
                 torch.cuda.synchronize(self.device)
             self.load_s = time.perf_counter() - t0
@@ -250,11 +250,6 @@ class Policy:
             self._done.record()
             self._done.synchronize()
         return self._actions_host.numpy().copy()
-
-
-def _set_affine(scale: torch.Tensor, offset: torch.Tensor, aff: normalize.Affine, dim: int) -> None:
-    scale[:dim] = torch.from_numpy(aff.scale[:dim])
-    offset[:dim] = torch.from_numpy(aff.offset[:dim])
 
 
 def _state(value, dim: int) -> np.ndarray:

@@ -147,18 +147,26 @@ def _depth(shapes: dict, prefix: str) -> int:
 
 
 def _shape(shapes: dict, key: str) -> tuple[int, ...]:
-    if key not in shapes:
-        raise CheckpointError(f"checkpoint has no tensor {key!r}: not a Pi0/Pi0.5 checkpoint in the "
-                              "openpi or LeRobot layout")
-    return tuple(shapes[key])
+    """The shape of `key`; for a per-layer key (`layers.0.`) that of the first layer that has it, so
+    that a tensor missing from one layer is reported by check_layout with its expected shape."""
+    if key in shapes:
+        return tuple(shapes[key])
+    if ".layers.0." in key:
+        head, tail = key.split(".layers.0.")
+        for k, shape in shapes.items():
+            if k.startswith(head + ".layers.") and k.endswith("." + tail):
+                return tuple(shape)
+    raise CheckpointError(f"checkpoint has no tensor {key!r}: not a Pi0/Pi0.5 checkpoint in the "
+                          "openpi or LeRobot layout")
 
 
 def infer_dims(kind: str, shapes: dict[str, tuple[int, ...]]) -> PiDims:
     """Read the model's dimensions off a checkpoint's tensor shapes (canonical keys)."""
-    has_pi05 = f"{E}.norm.dense.weight" in shapes or "time_mlp_in.weight" in shapes
-    has_pi0 = "state_proj.weight" in shapes
+    # The expert's norms tell the kinds apart: adaRMS (a Dense per norm) in Pi0.5, plain weights in Pi0.
+    has_pi05 = any(k.startswith(E) and k.endswith("layernorm.dense.weight") for k in shapes)
+    has_pi0 = any(k.startswith(E) and k.endswith("layernorm.weight") for k in shapes)
     if kind == "pi05" and has_pi0 and not has_pi05:
-        raise CheckpointError("the checkpoint is a Pi0 model (it has state_proj and plain expert norms) "
+        raise CheckpointError("the checkpoint is a Pi0 model (its action expert has plain RMSNorm weights) "
                               "but the config says kind: pi05")
     if kind == "pi0" and has_pi05:
         raise CheckpointError("the checkpoint is a Pi0.5 model (adaRMS expert norms / time_mlp) "
@@ -179,6 +187,8 @@ def infer_dims(kind: str, shapes: dict[str, tuple[int, ...]]) -> PiDims:
         return GemmaDims(width=q[1], depth=_depth(shapes, prefix), heads=q[0] // hd, head_dim=hd,
                          mlp=_shape(shapes, f"{prefix}.layers.0.mlp.gate_proj.weight")[0])
 
-    vocab_key = EMBED if EMBED in shapes else LM_HEAD
+    if EMBED not in shapes:
+        raise CheckpointError(f"missing tensor {EMBED!r} (nor the tied paligemma lm_head)")
+    vocab_key = EMBED
     return PiDims(kind=kind, vision=vision, vlm=gemma(L), expert=gemma(E), vocab=_shape(shapes, vocab_key)[0],
                   action_dim=_shape(shapes, "action_in_proj.weight")[1])

@@ -113,12 +113,10 @@ class PiModel:
             out_w = out_w * (1 + get(f"{E}.norm.weight"))  # the expert's final RMSNorm weight
         # The Euler update x += dt * v: dt folds into the output projection.
         self.out_w, self.out_b = cast(out_w * dt), cast(out_b * dt)
-        # Affine maps set by the policy from its normalization statistics (identity until then).
-        a = dims.action_dim
-        self.state_scale = torch.ones(a, device=device)
-        self.state_offset = torch.zeros(a, device=device)
-        self.action_scale = torch.ones(a, device=device)
-        self.action_offset = torch.zeros(a, device=device)
+        # (x - sub) * scale + add, rows [sub, scale, add]: set by the policy from its normalization
+        # statistics (identity until then).
+        identity = torch.tensor([[0.0], [1.0], [0.0]], device=device).repeat(1, dims.action_dim)
+        self.state_norm, self.action_unnorm = identity.clone(), identity.clone()
 
     # -----------------------------------------------------------------------------------------
     # Buffers and attention windows
@@ -204,7 +202,8 @@ class PiModel:
 
     def _state_token(self, buf: Buffers, bucket: int, p: Tensor) -> None:
         """Pi0's state token: position P, attends the prefix and itself; only its K/V are kept."""
-        state = torch.addcmul(self.state_offset, buf.state, self.state_scale).to(self.dtype)
+        sub, scale, add = self.state_norm
+        state = torch.addcmul(add, buf.state - sub, scale).to(self.dtype)
         x = F.linear(state[None], self.state_w, self.state_b)
         w = buf.windows[("state", bucket)]
         self._set_window(w, p + 1, None)
@@ -222,4 +221,5 @@ class PiModel:
         self.ops.linear_accumulate(buf.x_t, h, self.out_w, self.out_b)
         if k == self.num_steps - 1:
             n = buf.actions.shape[1]
-            torch.addcmul(self.action_offset[:n], buf.x_t[:, :n], self.action_scale[:n], out=buf.actions)
+            sub, scale, add = self.action_unnorm[:, :n]
+            torch.addcmul(add, buf.x_t[:, :n] - sub, scale, out=buf.actions)

@@ -1,0 +1,118 @@
+"""The policy API on the built-in tiny model: spec, input errors, masking, buckets, reset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import flashrt
+from flashrt.errors import InputError, PlatformError
+from flashrt.policy import default_buckets
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return flashrt.load("configs/demo.yaml")
+
+
+def obs(rng, **kw):
+    o = {"images": {"base_0_rgb": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8),
+                    "left_wrist_0_rgb": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)},
+         "state": rng.normal(size=8).astype(np.float32), "prompt": "stack the blocks"}
+    o.update(kw)
+    return o
+
+
+def test_spec(demo):
+    s = demo.spec
+    assert s.kind == "pi05" and s.random_weights and s.device == "cpu" and s.precision == "fp32"
+    assert s.cameras == ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+    assert s.optional_cameras == ("right_wrist_0_rgb",) and s.image_size == (224, 224)
+    assert (s.action_horizon, s.action_dim, s.state_dim) == (10, 7, 8) and s.prompt == "text or tokens"
+    assert s.to_dict()["prompt_buckets"] == list(s.prompt_buckets) or s.to_dict()["prompt_buckets"] == s.prompt_buckets
+
+
+def test_infer_and_reset_repeat(demo):
+    rng = np.random.default_rng(0)
+    o = obs(rng)
+    demo.reset()
+    a = demo.infer(o)["actions"]
+    b = demo.infer(o)["actions"]
+    demo.reset()
+    c = demo.infer(o)["actions"]
+    assert a.shape == (10, 7) and a.dtype == np.float32 and np.isfinite(a).all()
+    assert not np.array_equal(a, b)  # fresh noise each call
+    np.testing.assert_array_equal(a, c)  # reset restarts the noise sequence
+
+
+def test_inputs_change_the_output(demo):
+    rng = np.random.default_rng(1)
+    o = obs(rng)
+    noise = rng.normal(size=(10, 32)).astype(np.float32)
+    base = demo.infer(o, noise=noise)["actions"]
+    for change in ({"prompt": "open the drawer"}, {"state": o["state"] + 0.5},
+                   {"images": {**o["images"], "base_0_rgb": 255 - o["images"]["base_0_rgb"]}},
+                   {"images": {**o["images"], "right_wrist_0_rgb": o["images"]["left_wrist_0_rgb"]}}):
+        assert np.abs(demo.infer({**o, **change}, noise=noise)["actions"] - base).max() > 1e-4, change
+
+
+def test_default_prompt_and_tokens(demo):
+    rng = np.random.default_rng(2)
+    o = obs(rng)
+    del o["prompt"]
+    assert demo.infer(o)["actions"].shape == (10, 7)  # the config's default prompt
+    assert demo.infer({**o, "prompt_tokens": np.array([2, 40, 41, 42])})["actions"].shape == (10, 7)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"images": {"left_wrist_0_rgb": np.zeros((224, 224, 3), np.uint8)}}, "camera 'base_0_rgb' is missing"),
+    ({"images": {"base_0_rgb": np.zeros((8, 8, 3), np.uint8), "left_wrist_0_rgb": np.zeros((8, 8, 3), np.uint8),
+                 "top": np.zeros((8, 8, 3), np.uint8)}}, "unknown camera 'top'"),
+    ({"images": {"base_0_rgb": np.zeros((8, 8, 3), np.float32), "left_wrist_0_rgb": np.zeros((8, 8, 3), np.uint8)}},
+     r"images\['base_0_rgb'\] must be uint8 \[H, W, 3\], got float32 \[8, 8, 3\]"),
+    ({"images": {"base_0_rgb": np.zeros((8, 8), np.uint8), "left_wrist_0_rgb": np.zeros((8, 8, 3), np.uint8)}},
+     r"must be uint8 \[H, W, 3\], got uint8 \[8, 8\]"),
+    ({"images": {"base_0_rgb": [[1]], "left_wrist_0_rgb": np.zeros((8, 8, 3), np.uint8)}}, "got list"),
+    ({"images": "cam"}, "observation.images must be a mapping"),
+    ({"state": np.zeros(7)}, r"state must have shape \[8\], got \[7\]"),
+    ({"state": None}, "state is missing"),
+    ({"state": ["a"] * 8}, "state must be 8 numbers"),
+    ({"state": np.full(8, np.nan)}, "NaN or infinite"),
+    ({"prompt": 3}, "prompt must be a string, got int"),
+    ({"prompt": "x" * 300}, "the prompt is .* tokens; this model takes at most 200"),
+    ({"prompt_tokens": np.array([1.5, 2.0])}, "prompt_tokens must be a non-empty 1-D int array"),
+    ({"prompt_tokens": np.array([2, 99999])}, r"ids must be in \[0, 512\)"),
+])
+def test_bad_inputs_are_named(demo, change, message):
+    rng = np.random.default_rng(3)
+    with pytest.raises(InputError, match=message):
+        demo.infer(obs(rng, **change))
+    assert demo.infer(obs(rng))["actions"].shape == (10, 7)  # still serving
+
+
+def test_not_a_mapping(demo):
+    with pytest.raises(InputError, match="observation must be a mapping"):
+        demo.infer([1, 2])
+
+
+def test_text_prompt_needs_a_tokenizer():
+    p = flashrt.load(dict(name="t", kind="pi0", checkpoint="random", cameras=["a"], state_dim=4, action_dim=4,
+                          device="cpu"))
+    rng = np.random.default_rng(0)
+    o = {"images": {"a": rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)}, "state": np.zeros(4)}
+    assert p.spec.prompt == "tokens"
+    with pytest.raises(InputError, match="no tokenizer .* send prompt_tokens"):
+        p.infer({**o, "prompt": "hi"})
+    assert p.infer({**o, "prompt_tokens": [2, 5, 6]})["actions"].shape == (50, 4)
+
+
+def test_unsupported_precision_is_a_clear_error():
+    with pytest.raises(PlatformError, match="precision 'fp16' is not supported on cpu"):
+        flashrt.load(dict(name="t", kind="pi0", checkpoint="random", cameras=["a"], state_dim=4, action_dim=4,
+                          device="cpu", precision="fp16"))
+
+
+def test_buckets():
+    assert default_buckets(200) == [32, 48, 64, 96, 128, 200]
+    assert default_buckets(48) == [32, 48]
+    assert default_buckets(20) == [20]

@@ -156,7 +156,19 @@ class Policy:
         b.state = self._floats_dev[:a]
         b.noise = self._floats_dev[a:].view(horizon, a)
         self._actions_host = torch.zeros(b.actions.shape, dtype=torch.float32, pin_memory=pin)
+        self._images_host: list[torch.Tensor | None] = [None] * n_cams  # grow-only uint8 staging, per camera
         self._done = torch.cuda.Event() if pin else None
+
+    def _stage_image(self, i: int, img: np.ndarray) -> torch.Tensor:
+        """Copy an image into camera i's (pinned) staging buffer: wire arrays are often read-only views,
+        and a pinned source lets the H2D copy run asynchronously."""
+        n = img.size
+        host = self._images_host[i]
+        if host is None or host.numel() < n:
+            host = self._images_host[i] = torch.empty(n, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        view = host[:n].view(img.shape)
+        np.copyto(view.numpy(), img)
+        return view
 
     def reset(self) -> None:
         """Start of an episode: the noise generator restarts from its seed, so runs are repeatable."""
@@ -181,9 +193,10 @@ class Policy:
         tokens = self._prompt_tokens(obs, state)
         bucket = next(b for b in self.buckets if b >= len(tokens))
         with torch.inference_mode():
-            self.model.ops.images_to_model(
-                [torch.from_numpy(_image(images[n], n)).to(self.device, non_blocking=True) if n in images else None
-                 for n in spec.cameras], self.buf.images)
+            staged = [self._stage_image(i, _image(images[n], n)) if n in images else None
+                      for i, n in enumerate(spec.cameras)]
+            self.model.ops.images_to_model([s.to(self.device, non_blocking=True) if s is not None else None
+                                            for s in staged], self.buf.images)
             self._write_ints(tokens, present, bucket)
             self._write_floats(state, noise)
             self.engine.run(bucket)
@@ -274,4 +287,4 @@ def _image(value, name: str) -> np.ndarray:
         raise InputError(f"observation.images[{name!r}] must be uint8 [H, W, 3], got {value.dtype} {list(value.shape)}")
     if max(value.shape[:2]) > 4096:
         raise InputError(f"observation.images[{name!r}] is {value.shape[1]}x{value.shape[0]}; at most 4096 pixels a side")
-    return np.ascontiguousarray(value)
+    return value

@@ -116,3 +116,18 @@ def test_buckets():
     assert default_buckets(200) == [32, 48, 64, 96, 128, 200]
     assert default_buckets(48) == [32, 48]
     assert default_buckets(20) == [20]
+
+
+def test_read_only_wire_arrays(demo, recwarn):
+    """Arrays decoded zero-copy from a message are read-only and may be strided: accepted as they are."""
+    rng = np.random.default_rng(4)
+    o = obs(rng)
+    raw = rng.integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    ro = np.frombuffer(raw.tobytes(), np.uint8).reshape(raw.shape)
+    assert not ro.flags.writeable
+    o["images"] = {"base_0_rgb": ro, "left_wrist_0_rgb": raw[:, ::-1]}
+    noise = rng.normal(size=(10, 32)).astype(np.float32)
+    a = demo.infer(o, noise=noise)["actions"]
+    b = demo.infer({**o, "images": {"base_0_rgb": raw.copy(), "left_wrist_0_rgb": raw[:, ::-1].copy()}}, noise=noise)["actions"]
+    np.testing.assert_array_equal(a, b)
+    assert not [w for w in recwarn.list if "not writable" in str(w.message)]

@@ -24,9 +24,12 @@ class Segment:
     graph: torch.cuda.CUDAGraph | None = None
     duration_ms: float | None = field(default=None)  # measured by Engine.time_segments
 
-    def launch(self) -> None:
-        """Enqueue the segment's work on the current stream."""
-        if self.graph is not None:
+    def launch(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Enqueue the segment's work on `stream` (default: the current stream)."""
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                self.launch()
+        elif self.graph is not None:
             self.graph.replay()
         else:
             self.fn()
@@ -86,6 +89,8 @@ class Engine:
                 captured.add(id(seg))
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
+        for b in self.buckets:  # what a scheduler needs to know: how long each segment takes
+            self.time_segments(b, repeats=3)
 
     def time_segments(self, bucket: int, repeats: int = 5) -> dict[str, float]:
         """Median duration (ms) of each segment of a bucket, measured with CUDA events (wall on CPU)."""

@@ -4,6 +4,9 @@
 resized on the device, the prompt tokenized on the host, state and noise staged in pinned memory and
 copied in one transfer each), replays the engine, and copies the action chunk to the host once.
 
+The serving path is split for schedulers: `prepare(obs)` (host work) returns a `Job` whose segments
+are launched in order (see job.py); `infer(obs)` does both in one call.
+
 Observation: {"images": {camera: uint8 [H, W, 3]}, "state": float [state_dim],
               "prompt": str (optional), "prompt_tokens": int ids (optional, instead of prompt)}
 """
@@ -20,8 +23,9 @@ import torch
 
 from . import checkpoint, hardware, normalize, ops, tokenizer
 from .config import ModelConfig
-from .engine import Engine
+from .engine import Engine, Segment
 from .errors import ConfigError, InputError
+from .job import Job, Slot
 from .models import layout
 from .models.pi import PiModel
 
@@ -136,39 +140,25 @@ class Policy:
     # -----------------------------------------------------------------------------------------
 
     def _stage_inputs(self, n_cams: int, l_max: int, horizon: int, dims) -> None:
-        """Pinned host staging buffers, each copied to the device in one transfer per call.
+        """Device input buffers filled by one transfer each from a job's pinned slot:
 
         ints:   [tokens (l_max) | gather (n_img + l_max) | n_valid (1)] -> buf.tokens, buf.gather, buf.n_valid
         floats: [state (action_dim) | noise (horizon * action_dim)]     -> buf.state, buf.noise
         """
         n_img = n_cams * dims.vision.tokens
-        pin = self.device.type == "cuda"
         n_int = l_max + n_img + l_max + 1
-        self._ints_host = torch.zeros(n_int, dtype=torch.int64, pin_memory=pin)
-        self._ints_dev = torch.zeros(n_int, dtype=torch.int64, device=self.device)
         a = dims.action_dim
-        self._floats_host = torch.zeros(a + horizon * a, dtype=torch.float32, pin_memory=pin)
-        self._floats_dev = torch.zeros_like(self._floats_host, device=self.device)
+        self._ints_dev = torch.zeros(n_int, dtype=torch.int64, device=self.device)
+        self._floats_dev = torch.zeros(a + horizon * a, dtype=torch.float32, device=self.device)
         b = self.buf
         b.tokens = self._ints_dev[:l_max]
         b.gather = self._ints_dev[l_max:l_max + n_img + l_max]
         b.n_valid = self._ints_dev[-1:]
         b.state = self._floats_dev[:a]
         b.noise = self._floats_dev[a:].view(horizon, a)
-        self._actions_host = torch.zeros(b.actions.shape, dtype=torch.float32, pin_memory=pin)
-        self._images_host: list[torch.Tensor | None] = [None] * n_cams  # grow-only uint8 staging, per camera
-        self._done = torch.cuda.Event() if pin else None
-
-    def _stage_image(self, i: int, img: np.ndarray) -> torch.Tensor:
-        """Copy an image into camera i's (pinned) staging buffer: wire arrays are often read-only views,
-        and a pinned source lets the H2D copy run asynchronously."""
-        n = img.size
-        host = self._images_host[i]
-        if host is None or host.numel() < n:
-            host = self._images_host[i] = torch.empty(n, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        view = host[:n].view(img.shape)
-        np.copyto(view.numpy(), img)
-        return view
+        self._slots = [Slot(n_int, self._floats_dev.numel(), tuple(b.actions.shape), n_cams, self.device)
+                       for _ in range(2)]
+        self._next_slot = 0
 
     def reset(self) -> None:
         """Start of an episode: the noise generator restarts from its seed, so runs are repeatable."""
@@ -176,6 +166,16 @@ class Policy:
 
     def infer(self, obs: dict, noise: np.ndarray | None = None) -> dict:
         """One action chunk: {"actions": float32 [action_horizon, action_dim]}."""
+        job = self.prepare(obs, noise)
+        with torch.inference_mode():
+            job.launch_all()
+        return job.result()
+
+    def prepare(self, obs: dict, noise: np.ndarray | None = None) -> Job:
+        """The host's share of an inference (validate, tokenize, stage); launch the job's segments next.
+
+        At most two jobs of a policy may be prepared and not yet launched; launch them in the order
+        they were prepared, and read a job's result before launching the job two after it."""
         if not isinstance(obs, dict):
             raise InputError(f"observation must be a mapping, got {type(obs).__name__}")
         spec = self.spec
@@ -189,18 +189,41 @@ class Policy:
         for name, ok in zip(spec.cameras, present):
             if not ok and name not in spec.optional_cameras:
                 raise InputError(f"observation.images: camera {name!r} is missing (it is not optional)")
+        checked = [_image(images[n], n) if n in images else None for n in spec.cameras]
         state = _state(obs.get("state"), spec.state_dim)
         tokens = self._prompt_tokens(obs, state)
+        if noise is not None:
+            noise = np.asarray(noise, dtype=np.float32)
+            shape = (spec.action_horizon, self.dims.action_dim)
+            if noise.shape != shape:
+                raise InputError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
         bucket = next(b for b in self.buckets if b >= len(tokens))
-        with torch.inference_mode():
-            staged = [self._stage_image(i, _image(images[n], n)) if n in images else None
-                      for i, n in enumerate(spec.cameras)]
-            self.model.ops.images_to_model([s.to(self.device, non_blocking=True) if s is not None else None
-                                            for s in staged], self.buf.images)
-            self._write_ints(tokens, present, bucket)
-            self._write_floats(state, noise)
-            self.engine.run(bucket)
-            return {"actions": self._fetch_actions()}
+
+        slot = self._slots[self._next_slot]
+        self._next_slot ^= 1
+        slot.claim()
+        self._write_ints(slot, tokens, present)
+        self._write_floats(slot, state, noise)
+        staged = [slot.stage_image(i, img) if img is not None else None for i, img in enumerate(checked)]
+        inputs = Segment("inputs", lambda: self._upload(slot, staged, noise is None))
+        output = Segment("output", lambda: self._download(slot))
+        return Job(bucket, [inputs, *self.engine.segments(bucket), output], slot)
+
+    def _upload(self, slot: Slot, staged: list, fresh_noise: bool) -> None:
+        self._ints_dev.copy_(slot.ints, non_blocking=True)
+        self._floats_dev.copy_(slot.floats, non_blocking=True)
+        images = [s.to(self.device, non_blocking=True) if s is not None else None for s in staged]
+        slot.staged = False
+        if slot.uploaded is not None:
+            slot.uploaded.record()
+        if fresh_noise:
+            torch.randn(self.buf.noise.shape, generator=self._gen, device=self.device, out=self.buf.noise)
+        self.model.ops.images_to_model(images, self.buf.images)
+
+    def _download(self, slot: Slot) -> None:
+        slot.actions.copy_(self.buf.actions, non_blocking=slot.pin)
+        if slot.downloaded is not None:
+            slot.downloaded.record()
 
     def _prompt_tokens(self, obs: dict, state: np.ndarray) -> np.ndarray:
         if obs.get("prompt_tokens") is not None:
@@ -228,10 +251,10 @@ class Policy:
             raise InputError(f"the prompt is {len(ids)} tokens; this model takes at most {self.spec.max_prompt_tokens}")
         return ids
 
-    def _write_ints(self, tokens: np.ndarray, present: tuple[bool, ...], bucket: int) -> None:
+    def _write_ints(self, slot: Slot, tokens: np.ndarray, present: tuple[bool, ...]) -> None:
         l_max, t = self.buckets[-1], self._tokens_per_image
         n_img = len(present) * t
-        host = self._ints_host.numpy()
+        host = slot.ints.numpy()
         host[: len(tokens)] = tokens
         host[len(tokens):l_max] = 0
         # Prefix rows: present cameras' tokens, then the prompt, then everything masked (kept for shape).
@@ -241,28 +264,14 @@ class Policy:
         masked = [c for c, p in zip(cams, present) if not p] + [src[n_img + len(tokens):]]
         host[l_max:l_max + n_img + l_max] = np.concatenate(valid + masked)
         host[-1] = sum(len(v) for v in valid)
-        self._ints_dev.copy_(self._ints_host, non_blocking=True)
 
-    def _write_floats(self, state: np.ndarray, noise: np.ndarray | None) -> None:
-        a, h = self.dims.action_dim, self.spec.action_horizon
-        host = self._floats_host.numpy()
+    def _write_floats(self, slot: Slot, state: np.ndarray, noise: np.ndarray | None) -> None:
+        a = self.dims.action_dim
+        host = slot.floats.numpy()
         host[:a] = 0
         host[: len(state)] = state  # raw: Pi0 normalizes on the device
         if noise is not None:
-            noise = np.asarray(noise, dtype=np.float32)
-            if noise.shape != (h, a):
-                raise InputError(f"noise must have shape [{h}, {a}], got {list(noise.shape)}")
             host[a:] = noise.ravel()
-        self._floats_dev.copy_(self._floats_host, non_blocking=True)
-        if noise is None:
-            torch.randn(self.buf.noise.shape, generator=self._gen, device=self.device, out=self.buf.noise)
-
-    def _fetch_actions(self) -> np.ndarray:
-        self._actions_host.copy_(self.buf.actions, non_blocking=self._done is not None)
-        if self._done is not None:
-            self._done.record()
-            self._done.synchronize()
-        return self._actions_host.numpy().copy()
 
 
 def _state(value, dim: int) -> np.ndarray:

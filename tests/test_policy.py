@@ -131,3 +131,34 @@ def test_read_only_wire_arrays(demo, recwarn):
     b = demo.infer({**o, "images": {"base_0_rgb": raw.copy(), "left_wrist_0_rgb": raw[:, ::-1].copy()}}, noise=noise)["actions"]
     np.testing.assert_array_equal(a, b)
     assert not [w for w in recwarn.list if "not writable" in str(w.message)]
+
+
+def test_jobs_interleave_with_double_buffered_staging(demo):
+    """Two jobs prepared ahead, launched segment by segment interleaved with another model's job."""
+    rng = np.random.default_rng(5)
+    other = flashrt.load(dict(name="o", kind="pi0", checkpoint="random", cameras=["a"], state_dim=4, action_dim=4,
+                              device="cpu", random={"seed": 1}))
+    o1, o2 = obs(rng), obs(rng, prompt="other task")
+    n1, n2 = (rng.normal(size=(10, 32)).astype(np.float32) for _ in range(2))
+    want1, want2 = demo.infer(o1, noise=n1)["actions"], demo.infer(o2, noise=n2)["actions"]
+    o3 = {"images": {"a": rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)}, "state": np.zeros(4),
+          "prompt_tokens": [2, 9]}
+    n3 = rng.normal(size=(50, 32)).astype(np.float32)
+    want3 = other.infer(o3, noise=n3)["actions"]
+    j1, j2 = demo.prepare(o1, noise=n1), demo.prepare(o2, noise=n2)
+    with pytest.raises(RuntimeError, match="prepared and not launched"):
+        demo.prepare(o1)
+    j3 = other.prepare(o3, noise=n3)
+    assert [s.name for s in j1.segments][:2] == ["inputs", "vision"] and j1.segments[2].name.startswith("prefix")
+    assert j1.segments[-1].name == "output" and len(j1.segments) == 3 + 10 + 1
+    import torch
+    with torch.inference_mode():
+        for a, b in zip(j1.segments, j3.segments):  # alternate segments of the two models
+            a.launch()
+            b.launch()
+        for s in j3.segments[len(j1.segments):]:
+            s.launch()
+        np.testing.assert_array_equal(j1.result()["actions"], want1)
+        j2.launch_all()
+    np.testing.assert_array_equal(j2.result()["actions"], want2)
+    np.testing.assert_array_equal(j3.result()["actions"], want3)

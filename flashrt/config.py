@@ -218,6 +218,7 @@ class ModelConfig:
     prompt_buckets: list[int] | None = None
     discrete_state: bool | None = None
     cuda_graphs: bool = True
+    prefix_segments: int = 3  # the prefix's layers as this many segments (finer interleaving of models)
     kernels: Literal["auto", "torch"] = "auto"  # "torch": never use flashrt._kernels (debugging, A/B runs)
     attention: Literal["auto", "flash_varlen", "sdpa"] = "auto"  # override the platform's attention choice
     normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
@@ -235,6 +236,7 @@ class ModelConfig:
         if self.action_horizon is not None:
             check(1 <= self.action_horizon <= 256, f"{where}.action_horizon", "an int in 1..256", self.action_horizon)
         check(1 <= self.num_steps <= 100, f"{where}.num_steps", "an int in 1..100", self.num_steps)
+        check(1 <= self.prefix_segments <= 18, f"{where}.prefix_segments", "an int in 1..18", self.prefix_segments)
         if self.max_prompt_tokens is not None:
             check(1 <= self.max_prompt_tokens <= 1024, f"{where}.max_prompt_tokens", "an int in 1..1024",
                   self.max_prompt_tokens)

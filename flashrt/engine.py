@@ -36,12 +36,15 @@ class Segment:
 
 
 class Engine:
-    def __init__(self, model, buf, buckets: list[int], device: torch.device, cuda_graphs: bool):
+    def __init__(self, model, buf, buckets: list[int], device: torch.device, cuda_graphs: bool,
+                 prefix_segments: int = 1):
         self.model, self.buf, self.buckets, self.device = model, buf, buckets, device
         self.plans: dict[int, list[Segment]] = {}
         vision = Segment("vision", lambda: model.vision(buf))
+        spans = model.prefix_spans(prefix_segments)
         for b in buckets:
-            segs = [vision, Segment(f"prefix[{b}]", lambda b=b: model.prefix(buf, b))]
+            segs = [vision] + [Segment(f"prefix{j}[{b}]" if len(spans) > 1 else f"prefix[{b}]",
+                                       lambda b=b, s=s: model.prefix(buf, b, s)) for j, s in enumerate(spans)]
             segs += [Segment(f"step{k}[{b}]", lambda b=b, k=k: model.step(buf, b, k)) for k in range(model.num_steps)]
             self.plans[b] = segs
         self.capture_s = 0.0

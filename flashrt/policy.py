@@ -119,7 +119,8 @@ class Policy:
             buf = model.buffers(len(cams), buckets, config.action_dim, plat.attention_for(precision))
             self.model, self.buf = model, buf
             self._stage_inputs(len(cams), buckets[-1], horizon, dims)
-            self.engine = Engine(model, buf, buckets, self.device, config.cuda_graphs and plat.cuda_graphs)
+            self.engine = Engine(model, buf, buckets, self.device, config.cuda_graphs and plat.cuda_graphs,
+                                 config.prefix_segments)
 
         self.dims, self.buckets = dims, buckets
         self._tokens_per_image = dims.vision.tokens

@@ -101,17 +101,20 @@ def _add_norm(ops, x: Tensor, y: Tensor, mod: Modulation | None, gate_row: int, 
 
 def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: Tensor, sin: Tensor,
                k_cache: Tensor, v_cache: Tensor, slots: Tensor | None, window: KVWindow,
-               mod: Modulation | None = None, kv_only: bool = False) -> Tensor | None:
+               mod: Modulation | None = None, kv_only: bool = False, span: range | None = None) -> Tensor | None:
     """Run decoder layers over tokens x [T, width] (updated in place as the residual stream).
 
     Each layer writes its K/V into rows `slots` of k_cache[l] / v_cache[l] (rows 0..T-1 if None) and
     attends over `window`. Returns the final-normed output (without the final norm's weight, which
     the caller folds into its output projection), or None with `kv_only` (the prefix and Pi0's state
-    token are only needed for their K/V, so the last layer stops after attention).
+    token are only needed for their K/V, so the last layer stops after attention). `span` runs only
+    those layers (a segment of the stack): the residual stream x carries over between spans.
     """
-    h = _norm(ops, x, mod, 0)
+    span = span if span is not None else range(len(layers))
+    h = _norm(ops, x, mod, 2 * span.start)
     last = len(layers) - 1
-    for i, L in enumerate(layers):
+    for i in span:
+        L = layers[i]
         q = ops.rope_qkv(F.linear(h, L.qkv), cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
         a = window.attend(ops, q, k_cache[i], v_cache[i])
         if kv_only and i == last:

@@ -55,6 +55,7 @@ class Buffers:
     state: Tensor  # [action_dim] float32, raw robot state zero-padded (Pi0 only)
     noise: Tensor  # [H, action_dim] float32
     prefix_src: Tensor  # [C*T + L_max, width]: image tokens then text embeddings
+    prefix_x: Tensor  # [C*T + L_max, width]: the prefix's residual stream (kept between its segments)
     k_cache: Tensor  # [depth, N_max, head_dim]
     v_cache: Tensor
     x_t: Tensor  # [H, action_dim] float32, the flow state
@@ -143,6 +144,7 @@ class PiModel:
             state=torch.zeros(d.action_dim, device=dev),
             noise=torch.zeros(self.horizon, d.action_dim, device=dev),
             prefix_src=torch.zeros(n_img + l_max, d.vlm.width, **z),
+            prefix_x=torch.zeros(n_img + l_max, d.vlm.width, **z),
             k_cache=torch.zeros(depth, n_max, hd, **z),
             v_cache=torch.zeros(depth, n_max, hd, **z),
             x_t=torch.zeros(self.horizon, d.action_dim, device=dev),
@@ -180,16 +182,30 @@ class PiModel:
         n_img = buf.images.shape[0] * self.dims.vision.tokens
         self.siglip.forward(self.ops, buf.images, buf.prefix_src[:n_img])
 
-    def prefix(self, buf: Buffers, bucket: int) -> None:
+    def prefix_spans(self, parts: int) -> list[range]:
+        """The prefix's layers cut into `parts` segments of (nearly) equal size."""
+        depth = self.dims.vlm.depth
+        parts = max(1, min(parts, depth))
+        cuts = [round(depth * k / parts) for k in range(parts + 1)]
+        return [range(a, b) for a, b in zip(cuts, cuts[1:])]
+
+    def prefix(self, buf: Buffers, bucket: int, span: range | None = None) -> None:
+        """The prefix (or the layers `span` of it: the first span also embeds, the last also sets up
+        the suffix)."""
         d, ops = self.dims, self.ops
+        span = span if span is not None else range(d.vlm.depth)
         n_img = buf.images.shape[0] * d.vision.tokens
-        torch.index_select(self.embed, 0, buf.tokens[:bucket], out=buf.prefix_src[n_img:n_img + bucket])
-        x = buf.prefix_src.index_select(0, buf.gather[: n_img + bucket])  # valid tokens first, then padding
+        n = n_img + bucket
+        x = buf.prefix_x[:n]
         p = buf.n_valid
-        self._set_window(buf.windows[("prefix", bucket)], p, p * d.vlm.heads)
-        n = x.shape[0]
+        if span.start == 0:
+            torch.index_select(self.embed, 0, buf.tokens[:bucket], out=buf.prefix_src[n_img:n])
+            torch.index_select(buf.prefix_src, 0, buf.gather[:n], out=x)  # valid tokens first, then padding
+            self._set_window(buf.windows[("prefix", bucket)], p, p * d.vlm.heads)
         gemma.run_layers(ops, d.vlm, self.vlm, x, self.cos_table[:n], self.sin_table[:n], buf.k_cache,
-                         buf.v_cache, None, buf.windows[("prefix", bucket)], kv_only=True)
+                         buf.v_cache, None, buf.windows[("prefix", bucket)], kv_only=True, span=span)
+        if span.stop < d.vlm.depth:
+            return
         # Suffix placement: action tokens take the rows (and positions) right after the valid prefix.
         off = self.suffix_offset
         torch.add(torch.arange(off, off + self.horizon, device=self.device), p, out=buf.slots)

@@ -39,6 +39,7 @@ from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 
 from flashrt.config import ModelConfig, parse
+from runtime.config import load_deployment
 
 try:
     import tomllib
@@ -626,6 +627,9 @@ def test_deployment_config_parses(name):
     for m in models:
         assert m.checkpoint != "random" and m.device == "auto"
         assert m.tokenizer not in (None, "bytes"), "robots send text prompts: a real tokenizer is needed"
+    # and the whole file with the runtime's own loader (server section included)
+    deployment = load_deployment(ROOT / "configs" / name)
+    assert deployment.server.binds == [f"tcp://0.0.0.0:{PORT}"] and len(deployment.models) == len(models)
 
 
 def test_deployment_configs_exist():

@@ -125,7 +125,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._inbox: deque = deque()  # tasks submitted from other threads
         self._lock = threading.Lock()
-        self.trace: list | None = None  # (model, segment name, launch time) when set to a list
+        self.trace: list | None = None  # [model, segment, launch time, completion seen] when set to a list
 
     # -- submission (any thread) ---------------------------------------------------------------
 
@@ -149,7 +149,7 @@ class Scheduler:
         """When `task` would finish if admitted now: the work ordered before it, the segments already
         on the GPU (not preemptible), then its own segments."""
         ahead = sum(t.remaining_ms for _, t in self.ready if t.key() < task.key())
-        on_gpu = sum(t.seg_ms(i) for _, t, i in self.inflight)
+        on_gpu = sum(t.seg_ms(i) for _, t, i, _ in self.inflight)
         return now + (ahead + on_gpu + task.remaining_ms) / 1e3
 
     def _admit(self, task: Task, now: float) -> None:
@@ -194,7 +194,9 @@ class Scheduler:
             self._finish_head()
 
     def _finish_head(self) -> None:
-        token, task, i = self.inflight.popleft()
+        token, task, i, entry = self.inflight.popleft()
+        if entry is not None:
+            entry[3] = self.device.now()
         if i == len(task.segments) - 1:
             task.finished = self.device.now()
             tally = self.tally.setdefault(task.model, ModelTally())
@@ -211,11 +213,13 @@ class Scheduler:
         i = task.next
         if task.launched_at is None:
             task.launched_at = self.device.now()
+        entry = None
         if self.trace is not None:
-            self.trace.append((task.model, getattr(task.segments[i], "name", str(i)), self.device.now()))
+            entry = [task.model, getattr(task.segments[i], "name", str(i)), self.device.now(), None]
+            self.trace.append(entry)
         token = self.device.launch(task.segments[i], task.realtime)
         task.next += 1
-        self.inflight.append((token, task, i))
+        self.inflight.append((token, task, i, entry))
 
     def step(self) -> bool:
         """One scheduling decision. Returns False when there was nothing to do."""

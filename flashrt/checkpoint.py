@@ -28,8 +28,9 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "assets/**", "tokenizer*"]
 
 
-def resolve(checkpoint: str, revision: str | None = None) -> Path:
-    """A local folder holding the checkpoint: the folder itself, or a Hub snapshot (cached or fetched)."""
+def resolve(checkpoint: str, revision: str | None = None, patterns: list[str] | None = None) -> Path:
+    """A local folder holding the checkpoint: the folder itself, or a Hub snapshot (cached or fetched)
+    of the files matching `patterns` (default: what a checkpoint needs)."""
     path = Path(checkpoint).expanduser()
     if path.exists() or checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1:
         if not path.is_dir():
@@ -43,7 +44,7 @@ def resolve(checkpoint: str, revision: str | None = None) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     where = f"Hugging Face Hub model {checkpoint!r}" + (f" at revision {revision!r}" if revision else "")
     try:
-        return Path(snapshot_download(checkpoint, revision=revision, allow_patterns=HUB_PATTERNS,
+        return Path(snapshot_download(checkpoint, revision=revision, allow_patterns=patterns or HUB_PATTERNS,
                                       local_files_only=offline))
     except GatedRepoError:
         raise CheckpointError(f"{where} is gated: accept its licence on huggingface.co and log in "

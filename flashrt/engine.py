@@ -32,7 +32,8 @@ class Segment:
         elif self.graph is not None:
             self.graph.replay()
         else:
-            self.fn()
+            with torch.inference_mode():  # the static buffers are inference tensors
+                self.fn()
 
 
 class Engine:

@@ -65,6 +65,11 @@ class Job:
             seg.launch()
         self.launched = len(self.segments)
 
+    def cancel(self) -> None:
+        """Give up a job that will not be launched (refused by admission control, say): frees its slot."""
+        if self.launched == 0:
+            self.slot.staged = False
+
     def result(self) -> dict:
         """Wait for the output segment and return {"actions": float32 [H, action_dim]}."""
         if self.slot.downloaded is not None:

@@ -77,7 +77,7 @@ def load(spec: str | None, checkpoint_folder: Path | None) -> PromptTokenizer | 
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         from .checkpoint import resolve
 
-        folder = resolve(spec)
+        folder = resolve(spec, patterns=["tokenizer.json", "tokenizer_config.json"])  # not the weights
         if not (folder / "tokenizer.json").exists():
             raise CheckpointError(f"Hub repo {spec!r} has no tokenizer.json")
         return _from_json(folder / "tokenizer.json")

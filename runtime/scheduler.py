@@ -87,6 +87,7 @@ class ModelTally:
     misses: int = 0  # finished after the deadline, or a periodic release skipped/refused
     rejected: int = 0
     skipped: int = 0
+    errors: int = 0
     latencies: list = field(default_factory=list)  # release -> finish
     tardiness: list = field(default_factory=list)  # max(0, finish - deadline) of deadline tasks
 
@@ -97,7 +98,7 @@ class ModelTally:
         tard = np.asarray(self.tardiness) * 1e3
         pct = (lambda a, q: float(np.percentile(a, q)) if len(a) else None)
         return {"completed": self.completed, "misses": self.misses, "rejected": self.rejected,
-                "skipped": self.skipped, "latency_ms": {"p50": pct(lat, 50), "p99": pct(lat, 99),
+                "skipped": self.skipped, "errors": self.errors, "latency_ms": {"p50": pct(lat, 50), "p99": pct(lat, 99),
                                                         "max": float(lat.max()) if len(lat) else None},
                 "tardiness_ms": {"mean": float(tard.mean()) if len(tard) else 0.0,
                                  "max": float(tard.max()) if len(tard) else 0.0}}
@@ -217,7 +218,15 @@ class Scheduler:
         if self.trace is not None:
             entry = [task.model, getattr(task.segments[i], "name", str(i)), self.device.now(), None]
             self.trace.append(entry)
-        token = self.device.launch(task.segments[i], task.realtime)
+        try:
+            token = self.device.launch(task.segments[i], task.realtime)
+        except Exception as e:  # a failed launch fails its task, never the scheduler
+            task.next = len(task.segments)
+            task.finished = self.device.now()
+            self.tally.setdefault(task.model, ModelTally()).errors += 1
+            if task.on_done is not None:
+                task.on_done(task, e)
+            return
         task.next += 1
         self.inflight.append((token, task, i, entry))
 
@@ -238,7 +247,7 @@ class Scheduler:
                     self._launch_next(task)
             else:
                 self._launch_next(task)
-                if task.next == len(task.segments):
+                if task.next == len(task.segments) and self.ready and self.ready[0][1] is task:
                     heapq.heappop(self.ready)
             return True
         if self.inflight:

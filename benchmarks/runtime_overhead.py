@@ -10,8 +10,8 @@ each a ROUTER on tcp://127.0.0.1, one client sending sequentially over a REQ soc
   floor      bare pyzmq: receives the request, sends back the runtime's reply bytes (same sizes as
              the runtime's exchange: the transport's floor for it)
   runtime    flashrt's server with an instant model
-each with the arrays inline in the msgpack body and with the images as extra zero-copy frames (what
-runtime.client sends by default). Then `client`: the same through runtime.client.PolicyClient, so
+each with the arrays inline in the msgpack body and with the images as extra frames that the server
+reads in place (what runtime.client sends by default). Then `client`: the same through runtime.client.PolicyClient, so
 the client's own encoding and decoding are in it too. The runtime's own share per request (decode,
 validation, dispatch, encode) comes from the server's stats (total - infer, per request).
 """
@@ -83,17 +83,22 @@ def serve_bare(mode: str) -> None:
 
 
 class Child:
-    def __init__(self, *args: str):
+    """A server process of this script; it prints its endpoint, then reads its stdin until closed."""
+
+    def __init__(self, *args: str, stdin: bytes = b""):
         self.proc = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
         self.endpoint = self.proc.stdout.readline().decode().strip()
+        self.proc.stdin.write(stdin)
+        self.proc.stdin.flush()
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        self.proc.stdin.close()  # the runtime stops cleanly; the bare servers are simply killed
         try:
-            self.proc.wait(10)
+            self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,8 +118,8 @@ def time_raw(endpoint: str, frames: list, n: int, warmup: int) -> list[float]:
     out = []
     for i in range(warmup + n):
         t0 = time.perf_counter()
-        sock.send_multipart(frames, copy=False)
-        sock.recv(copy=False)
+        sock.send_multipart(frames)  # as runtime.client sends (a zero-copy send costs more at this size)
+        sock.recv_multipart()
         if i >= warmup:
             out.append((time.perf_counter() - t0) * 1e3)
     sock.close()
@@ -160,7 +165,7 @@ def main() -> None:
     request = {"endpoint": "infer", "id": 1, "data": obs}
     images: list = []
     layouts = {"inline": [encode(request)],  # arrays inside the msgpack body
-               "frames": [encode(request, frames=images), *images]}  # images as extra zero-copy frames
+               "frames": [encode(request, frames=images), *images]}  # images as extra frames
 
     results: dict = {"cases": {}, "runtime_share_ms": {}}
     for layout, frames in layouts.items():
@@ -170,33 +175,38 @@ def main() -> None:
         reply.send_multipart(frames)
         reply_bytes = reply.recv()
         reply.close()
-        bare = {}
-        for mode in ("echo", "floor"):
-            bare[mode] = Child("--role", mode)
-            bare[mode].proc.stdin.write(b"%d\n" % len(reply_bytes) + reply_bytes)
-            bare[mode].proc.stdin.flush()
-        # Interleave the cases in rounds so that machine noise hits them alike.
-        samples: dict[str, list[float]] = {"echo": [], "floor": [], "runtime": []}
-        rounds = 5
-        for _ in range(rounds):
-            for name, endpoint in (("echo", bare["echo"].endpoint), ("floor", bare["floor"].endpoint),
-                                   ("runtime", runtime.endpoint)):
-                samples[name] += time_raw(endpoint, frames, args.n // rounds, args.warmup // rounds)
-        with PolicyClient(runtime.endpoint) as c:
-            stats = c.stats()["models"]["instant"]
-        for name, ms in samples.items():
-            results["cases"][f"{name}/{layout}"] = percentiles(ms)
-        results["runtime_share_ms"][layout] = {m: stats[f"{m}_ms"] for m in ("overhead", "decode", "queue", "encode",
-                                                                              "infer", "total")}
+        bare = {mode: Child("--role", mode, stdin=b"%d\n" % len(reply_bytes) + reply_bytes)
+                for mode in ("echo", "floor")}
+        try:
+            measure(results, layout, frames, obs, runtime, bare, args)
+        finally:
+            for child in (runtime, *bare.values()):
+                child.close()
         results["request_bytes"] = results.get("request_bytes", {}) | {layout: sum(len(f) for f in frames)}
         results["reply_bytes"] = len(reply_bytes)
-        if layout == "frames":  # the user's view: runtime.client encodes, sends, decodes
-            results["cases"]["client/frames"] = percentiles(time_client(runtime.endpoint, obs, args.n, args.warmup))
-        for child in (runtime, *bare.values()):
-            child.close()
-        for child in bare.values():
-            child.proc.kill()
 
+    summarize(results, args)
+
+
+def measure(results: dict, layout: str, frames: list, obs: dict, runtime: Child, bare: dict, args) -> None:
+    # Interleave the cases in rounds so that machine noise hits them alike.
+    samples: dict[str, list[float]] = {"echo": [], "floor": [], "runtime": []}
+    rounds = 5
+    for _ in range(rounds):
+        for name, endpoint in (("echo", bare["echo"].endpoint), ("floor", bare["floor"].endpoint),
+                               ("runtime", runtime.endpoint)):
+            samples[name] += time_raw(endpoint, frames, args.n // rounds, args.warmup // rounds)
+    with PolicyClient(runtime.endpoint) as c:  # the server's stats window holds exactly the timed requests
+        stats = c.stats()["models"]["instant"]
+    for name, ms in samples.items():
+        results["cases"][f"{name}/{layout}"] = percentiles(ms)
+    results["runtime_share_ms"][layout] = {m: stats[f"{m}_ms"] for m in ("overhead", "decode", "queue", "encode",
+                                                                          "infer", "total")}
+    if layout == "frames":  # the user's view: runtime.client encodes, sends, decodes
+        results["cases"]["client/frames"] = percentiles(time_client(runtime.endpoint, obs, args.n, args.warmup))
+
+
+def summarize(results: dict, args) -> None:
     cases = results["cases"]
     best = min(("inline", "frames"), key=lambda lay: cases[f"runtime/{lay}"]["p50"])
     results["summary"] = {

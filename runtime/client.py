@@ -6,7 +6,7 @@
 Every call has a timeout. On a timeout the client follows ZeroMQ's Lazy Pirate pattern: drop the
 socket (LINGER=0, so nothing lingers), reconnect and resend, up to `retries` times, then raise
 TimeoutError. A resent `infer` may run twice on the server; that is harmless, it has no side effects.
-Large arrays travel as extra ZeroMQ frames, sent from the arrays' own memory without a copy.
+Large arrays travel as extra ZeroMQ frames, which the server reads in place, without a copy.
 """
 
 from __future__ import annotations
@@ -99,7 +99,9 @@ class PolicyClient:
         attempts = 1 + (self.retries if retries is None else retries)
         for _ in range(attempts):
             sock = self._connect()
-            sock.send_multipart([body, *(arrays or ())], copy=False)
+            # A plain (copying) send: pyzmq's zero-copy send hands each buffer's release to a helper
+            # thread, which costs more than copying a few hundred KB. The server reads frames in place.
+            sock.send_multipart([body, *(arrays or ())])
             if sock.poll(timeout, zmq.POLLIN):
                 reply, _ = decode(sock.recv(copy=False).buffer)
                 return self._unwrap(reply, rid, endpoint)

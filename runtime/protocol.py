@@ -11,7 +11,6 @@ and the byte count must match dtype x shape exactly.
 from __future__ import annotations
 
 import io
-import math
 from typing import Any
 
 import msgpack
@@ -85,28 +84,34 @@ def _check_kind(dt: np.dtype, spelled: str) -> None:
 
 
 def _shape(value: Any) -> tuple[int, ...]:
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) > MAX_NDIM
-        or not all(type(d) is int and d >= 0 for d in value)
-    ):
-        raise ProtocolError(BAD_INPUT, f"array shape must be a list of at most {MAX_NDIM} ints >= 0, got {value!r}")
-    return tuple(value)
+    if (type(value) is list or type(value) is tuple) and len(value) <= MAX_NDIM:
+        for d in value:
+            if type(d) is not int or d < 0:
+                break
+        else:
+            return tuple(value)
+    raise ProtocolError(BAD_INPUT, f"array shape must be a list of at most {MAX_NDIM} ints >= 0, got {value!r}")
 
 
 def _view(data: Any, dt: np.dtype, shape: tuple[int, ...], offset: int = 0, order: str = "C") -> np.ndarray:
     """A read-only array over `data` after checking that its size is exactly dtype x shape."""
-    if not isinstance(data, (bytes, memoryview)):
+    if type(data) is bytes:  # immutable: the array is read-only by itself
+        size = len(data) - offset
+    elif type(data) is memoryview:  # an extra ZeroMQ frame
+        size = data.nbytes - offset
+    else:
         raise ProtocolError(BAD_INPUT, f"array data must be msgpack bin bytes, got {type(data).__name__}")
-    size = (data.nbytes if isinstance(data, memoryview) else len(data)) - offset
-    need = math.prod(shape) * dt.itemsize
+    need = dt.itemsize
+    for d in shape:
+        need *= d
     if size != need:
         raise ProtocolError(
             BAD_INPUT,
             f"array of dtype {dt.str!r} and shape {list(shape)} needs {need} bytes of data, got {size}",
         )
-    arr = np.ndarray(shape, dt, buffer=data, offset=offset, order=order)
-    arr.flags.writeable = False
+    arr = np.ndarray(shape, dt, data, offset, None, order)
+    if type(data) is memoryview and not data.readonly:
+        arr.flags.writeable = False
     return arr
 
 
@@ -140,14 +145,22 @@ class _Reader:
         self.encoding: str | None = None
 
     def hook(self, obj: dict) -> Any:
-        if any(type(k) is bytes for k in obj):  # openpi and msgpack-numpy write bin keys
-            obj = {(k.decode("utf-8", "replace") if type(k) is bytes else k): v for k, v in obj.items()}
+        # Called for every map, so the common case goes first and costs little: openpi's form with
+        # bin keys, as openpi-client and runtime.client write it.
+        marker = obj.get(b"__ndarray__")
+        if marker is not None:
+            if marker is True:
+                return self._openpi(obj.get(b"dtype"), obj.get(b"shape"), obj.get(b"data"), obj.get(b"frame"))
+        for key in obj:  # a map's keys are all str or all bin in practice: the first one tells
+            if type(key) is bytes:
+                obj = {(k.decode("utf-8", "replace") if type(k) is bytes else k): v for k, v in obj.items()}
+            break
         if obj.get("__ndarray__") is True:
-            return self._openpi(obj)
+            return self._openpi(obj.get("dtype"), obj.get("shape"), obj.get("data"), obj.get("frame"))
         if obj.get("__ndarray_class__") is True:
             self.encoding = NPY
             return _npy(obj.get("as_npy"))
-        if "nd" in obj and "type" in obj and "data" in obj and type(obj["nd"]) is bool:
+        if type(obj.get("nd")) is bool and "type" in obj and "data" in obj:
             return self._msgpack_numpy(obj)
         if obj.get("__npgeneric__") is True:
             self.encoding = self.encoding or OPENPI
@@ -158,16 +171,15 @@ class _Reader:
                 raise ProtocolError(BAD_INPUT, f"scalar {obj.get('data')!r} is not a {dt}") from None
         return obj
 
-    def _openpi(self, obj: dict) -> np.ndarray:
+    def _openpi(self, dtype: Any, shape: Any, data: Any, frame: Any) -> np.ndarray:
         self.encoding = OPENPI
-        dt, shape = _dtype(obj.get("dtype")), _shape(obj.get("shape"))
-        if "frame" in obj:  # zero-copy: the bytes travel as an extra ZeroMQ frame
-            index = obj["frame"]
-            if type(index) is not int or not 0 <= index < len(self.frames):
-                raise ProtocolError(BAD_INPUT, f"array refers to frame {index!r}, but the message has "
+        dt, shape = _dtype(dtype), _shape(shape)
+        if data is None and frame is not None:  # zero-copy: the bytes travel as an extra ZeroMQ frame
+            if type(frame) is not int or not 0 <= frame < len(self.frames):
+                raise ProtocolError(BAD_INPUT, f"array refers to frame {frame!r}, but the message has "
                                                f"{len(self.frames)} extra frame(s)")
-            return _view(self.frames[index], dt, shape)
-        return _view(obj.get("data"), dt, shape)
+            return _view(self.frames[frame], dt, shape)
+        return _view(data, dt, shape)
 
     def _msgpack_numpy(self, obj: dict) -> Any:
         self.encoding = MSGPACK_NUMPY

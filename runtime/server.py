@@ -406,4 +406,8 @@ class Server:
 
 
 def admin_token_from_env() -> str | None:
-    return os.environ.get("FLASHRT_ADMIN_TOKEN") or None
+    """FLASHRT_ADMIN_TOKEN, held to the same rule as server.admin_token; empty means unset."""
+    token = os.environ.get("FLASHRT_ADMIN_TOKEN") or None
+    if token is not None and len(token) < 8:
+        raise ValueError("FLASHRT_ADMIN_TOKEN: expected a string of at least 8 characters")
+    return token

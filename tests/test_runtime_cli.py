@@ -90,6 +90,13 @@ def test_serve_refuses_a_bad_config(tmp_path):
     assert path in out.stderr and "models[0].state_dim" in out.stderr
 
 
+def test_serve_refuses_a_short_admin_token_from_the_environment(tmp_path):
+    path, _ = demo_config(tmp_path)
+    out = subprocess.run([*PY, "serve", "--config", path], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "FLASHRT_ADMIN_TOKEN": "short"})
+    assert out.returncode == 1 and "FLASHRT_ADMIN_TOKEN" in out.stderr
+
+
 def test_serve_refuses_a_taken_port(tmp_path):
     taken = zmq.Context.instance().socket(zmq.ROUTER)
     port = taken.bind_to_random_port("tcp://127.0.0.1")

@@ -99,13 +99,16 @@ class PolicyClient:
         attempts = 1 + (self.retries if retries is None else retries)
         for _ in range(attempts):
             sock = self._connect()
+            sock.rcvtimeo = timeout
             # A plain (copying) send: pyzmq's zero-copy send hands each buffer's release to a helper
             # thread, which costs more than copying a few hundred KB. The server reads frames in place.
             sock.send_multipart([body, *(arrays or ())])
-            if sock.poll(timeout, zmq.POLLIN):
-                reply, _ = decode(sock.recv(copy=False).buffer)
-                return self._unwrap(reply, rid, endpoint)
-            self.close()  # Lazy Pirate: a REQ socket that missed its reply is unusable; start afresh
+            try:
+                reply, _ = decode(sock.recv())
+            except zmq.Again:
+                self.close()  # Lazy Pirate: a REQ socket that missed its reply is unusable; start afresh
+                continue
+            return self._unwrap(reply, rid, endpoint)
         raise TimeoutError(f"no reply to {endpoint!r} from {self.endpoint} after {attempts} attempt(s) "
                            f"of {timeout} ms")
 

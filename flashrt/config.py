@@ -147,7 +147,7 @@ def check(cond: bool, where: str, expected: str, got: Any) -> None:
 # The model schema
 
 KINDS = ("pi0", "pi05")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8", "int8")
 
 
 @dataclass
@@ -197,6 +197,20 @@ class NormalizationConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Quantized precisions (fp8, int8): where activation ranges come from, and the accuracy bar."""
+
+    observations: str | None = None  # folder of .npz observations; default: synthetic ones
+    count: int = 8  # synthetic observations
+    refresh: bool = False  # recompute the scales even when the cache has them
+    min_cosine: float = 0.99  # refuse to serve below this cosine to bf16 on a calibration observation
+
+    def validate(self, where: str) -> None:
+        check(1 <= self.count <= 1000, f"{where}.count", "an int in 1..1000", self.count)
+        check(0.0 <= self.min_cosine <= 1.0, f"{where}.min_cosine", "a number in [0, 1]", self.min_cosine)
+
+
+@dataclass
 class ModelConfig:
     """One model to serve. See docs/configuration.md for every key."""
 
@@ -210,7 +224,7 @@ class ModelConfig:
     random: RandomWeights = field(default_factory=RandomWeights)
     action_horizon: int | None = None
     num_steps: int = 10
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp8", "int8"] = "auto"
     device: str = "auto"
     prompt: str | None = None
     tokenizer: str | None = None
@@ -222,6 +236,7 @@ class ModelConfig:
     kernels: Literal["auto", "torch"] = "auto"  # "torch": never use flashrt._kernels (debugging, A/B runs)
     attention: Literal["auto", "flash_varlen", "sdpa"] = "auto"  # override the platform's attention choice
     normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def validate(self, where: str) -> None:
         check(bool(self.name) and self.name.replace("_", "").replace("-", "").replace(".", "").isalnum(),

@@ -49,8 +49,7 @@ class Engine:
             segs += [Segment(f"step{k}[{b}]", lambda b=b, k=k: model.step(buf, b, k)) for k in range(model.num_steps)]
             self.plans[b] = segs
         self.capture_s = 0.0
-        if cuda_graphs and device.type == "cuda":
-            self._capture()
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"  # capture() records them
 
     @property
     def graphed(self) -> bool:
@@ -69,7 +68,10 @@ class Engine:
             for seg in self.plans[bucket]:
                 seg.fn()
 
-    def _capture(self) -> None:
+    def capture(self) -> None:
+        """Capture every segment of every bucket as a CUDA graph (no-op on the CPU or when disabled)."""
+        if not self.cuda_graphs or self.graphed:
+            return
         t0 = time.perf_counter()
         # Warm up on a side stream first: cuBLAS/cuDNN handles and workspaces are created outside capture.
         side = torch.cuda.Stream(self.device)

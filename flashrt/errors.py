@@ -29,3 +29,9 @@ class PlatformError(FlashRTError):
     """The requested precision or backend is not supported on this platform."""
 
     code = "unsupported"
+
+
+class AccuracyError(FlashRTError):
+    """A quantized engine strays too far from its bf16 reference (the message has the figures)."""
+
+    code = "accuracy"

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, hardware, normalize, ops, tokenizer
+from . import calibrate, checkpoint, hardware, normalize, ops, tokenizer
 from .config import ModelConfig
 from .engine import Engine, Segment
 from .errors import ConfigError, InputError
@@ -29,7 +29,9 @@ from .job import Job, Slot
 from .models import layout
 from .models.pi import PiModel
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Activation dtype per precision (fp8/int8 quantize the big linears' weights and inputs; see quant.py).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16,
+          "int8": torch.bfloat16}
 DEFAULT_MAX_TOKENS = {"pi0": 48, "pi05": 200}
 DEFAULT_HORIZON = 50
 
@@ -56,6 +58,8 @@ class PolicySpec:
     random_weights: bool
     checkpoint: str
     normalization: str
+    calibration: dict | None = None  # fp8/int8: cache key, cosine to bf16 on the probe observation
+
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,10 +135,23 @@ class Policy:
             action_horizon=horizon, action_dim=config.action_dim,
             prompt="text or tokens" if self.tokenizer else "tokens", default_prompt=config.prompt,
             max_prompt_tokens=max_tokens, prompt_buckets=tuple(buckets), num_steps=config.num_steps,
-            precision=precision, device=str(self.device), platform=plat.name,
-            cuda_graphs=self.engine.graphed, random_weights=config.checkpoint == "random",
+            precision=precision, device=str(self.device), platform=plat.name, cuda_graphs=False, random_weights=config.checkpoint == "random",
             checkpoint=config.checkpoint if folder is None else str(folder), normalization=norm.source)
         self._gen = torch.Generator(device=self.device)
+        calib = None
+        if precision in ("fp8", "int8"):
+            calib = calibrate.prepare(self, precision, dict(
+                checkpoint=config.checkpoint, revision=config.revision, weights=_fingerprint(folder),
+                random=dataclasses.asdict(config.random) if folder is None else None, kind=kind,
+                dims=dataclasses.asdict(dims),
+                horizon=horizon, steps=config.num_steps, buckets=buckets, cameras=self.spec.cameras,
+                state_dim=config.state_dim, normalization=norm.source, platform=plat.name,
+                capability=plat.capability, calibration=config.calibration.observations, count=config.calibration.count))
+        with torch.inference_mode():
+            self.engine.capture()
+        if calib is not None:
+            calib = calibrate.check(self, precision, calib)
+        self.spec = dataclasses.replace(self.spec, cuda_graphs=self.engine.graphed, calibration=calib)
         self.reset()
         self.first_call_s = time.perf_counter() - t0
 
@@ -273,6 +290,13 @@ class Policy:
         host[: len(state)] = state  # raw: Pi0 normalizes on the device
         if noise is not None:
             host[a:] = noise.ravel()
+
+
+def _fingerprint(folder: Path | None) -> list | None:
+    """Size and mtime of a checkpoint's weight files: a changed file invalidates cached calibration."""
+    if folder is None:
+        return None
+    return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in sorted(folder.glob("*.safetensors"))]
 
 
 def _state(value, dim: int) -> np.ndarray:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from ..quant import linear
 
 from .layout import GemmaDims
 
@@ -26,11 +27,13 @@ ROPE_THETA = 10_000.0
 
 
 @dataclass
-class GemmaLayer:
+class GemmaLayer:  # each a weight tensor, or its quantized form (quant.QuantWeight)
     qkv: Tensor  # [(heads + 2) * head_dim, width]
     o: Tensor  # [width, heads * head_dim]
     gate_up: Tensor  # [2 * mlp, width]
     down: Tensor  # [width, mlp]
+
+    LINEARS = ("qkv", "o", "gate_up", "down")
 
 
 def load_layers(dims: GemmaDims, prefix: str, get: Callable[[str], Tensor], cast: Callable[[Tensor], Tensor],
@@ -115,11 +118,11 @@ def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: T
     last = len(layers) - 1
     for i in span:
         L = layers[i]
-        q = ops.rope_qkv(F.linear(h, L.qkv), cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
+        q = ops.rope_qkv(linear(h, L.qkv), cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
         a = window.attend(ops, q, k_cache[i], v_cache[i])
         if kv_only and i == last:
             return None
-        h = _add_norm(ops, x, F.linear(a, L.o), mod, 2 * i, 2 * i + 1)
-        d = F.linear(ops.gelu_tanh_mul(F.linear(h, L.gate_up)), L.down)
+        h = _add_norm(ops, x, linear(a, L.o), mod, 2 * i, 2 * i + 1)
+        d = linear(ops.gelu_tanh_mul(linear(h, L.gate_up)), L.down)
         h = _add_norm(ops, x, d, mod, 2 * i + 1, 2 * i + 2)
     return h

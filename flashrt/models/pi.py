@@ -119,6 +119,14 @@ class PiModel:
         identity = torch.tensor([[0.0], [1.0], [0.0]], device=device).repeat(1, dims.action_dim)
         self.state_norm, self.action_unnorm = identity.clone(), identity.clone()
 
+    def linears(self) -> list[tuple[str, object, str, str | None]]:
+        """The big projections a quantized precision replaces: (name, owner, weight attr, bias attr)."""
+        out = [(f"vision.{n}.{lin}", L, f"{lin}_w", f"{lin}_b") for n, L in enumerate(self.siglip.layers)
+               for lin in L.LINEARS]
+        for stack, layers in (("vlm", self.vlm), ("expert", self.expert)):
+            out += [(f"{stack}.{n}.{lin}", L, lin, None) for n, L in enumerate(layers) for lin in L.LINEARS]
+        return out
+
     # -----------------------------------------------------------------------------------------
     # Buffers and attention windows
 

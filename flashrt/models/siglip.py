@@ -13,13 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..quant import linear
 from .layout import PROJ, V, VisionDims
 
 EPS = 1e-6
 
 
 @dataclass
-class SiglipLayer:
+class SiglipLayer:  # weights may be swapped for quant.QuantWeight (then the bias lives in it, *_b None)
+    LINEARS = ("qkv", "o", "fc1", "fc2")
+
     ln1_w: Tensor
     ln1_b: Tensor
     qkv_w: Tensor
@@ -66,10 +69,10 @@ class Siglip:
         hd = d.width // d.heads
         h = ops.layer_norm(x, self.layers[0].ln1_w, self.layers[0].ln1_b, EPS)
         for i, L in enumerate(self.layers):
-            qkv = F.linear(h, L.qkv_w, L.qkv_b).view(c, g * g, 3, d.heads, hd)
+            qkv = linear(h, L.qkv_w, L.qkv_b).view(c, g * g, 3, d.heads, hd)
             a = ops.attention_mha(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-            h = ops.add_layer_norm(x, F.linear(a, L.o_w, L.o_b), L.ln2_w, L.ln2_b, EPS)
-            m = F.linear(F.gelu(F.linear(h, L.fc1_w, L.fc1_b), approximate="tanh"), L.fc2_w, L.fc2_b)
+            h = ops.add_layer_norm(x, linear(a, L.o_w, L.o_b), L.ln2_w, L.ln2_b, EPS)
+            m = linear(F.gelu(linear(h, L.fc1_w, L.fc1_b), approximate="tanh"), L.fc2_w, L.fc2_b)
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             h = ops.add_layer_norm(x, m, nxt.ln1_w if nxt else self.post_w, nxt.ln1_b if nxt else self.post_b, EPS)
         torch.addmm(self.proj_b, h, self.proj_w.t(), out=out)

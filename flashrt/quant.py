@@ -1,0 +1,145 @@
+"""Quantized linears: FP8 (E4M3) for Thor, RTX and Hopper, INT8 W8A8 for Orin.
+
+Weights are quantized once at load with one scale per output channel. Activations:
+- FP8: a static per-tensor scale from calibration (amax seen on calibration observations / 448); the
+  GEMM is `torch._scaled_mm` (cuBLASLt) with both scales and the bias in its epilogue.
+- INT8: a per-token scale computed on the fly (amax of the row / 127), so no calibration is needed;
+  the GEMM is `torch._int_mm` (int32 accumulation, runs on sm_87), dequantized after.
+
+Models call `linear(x, w, b)` for every large projection; `w` is a plain tensor (bf16/fp32 path), a
+`QuantWeight`, or a `Recorder` (calibration). Quantizing a model swaps its weight attributes in
+place (see `PiModel.linears`), so the model code is the same for every precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+INT_MM_MIN_ROWS = 17  # torch._int_mm needs more than 16 rows: smaller inputs are zero-padded to 32
+
+
+def linear(x: Tensor, w, b: Tensor | None = None) -> Tensor:
+    if isinstance(w, Tensor):
+        return F.linear(x, w, b)
+    return w(x, b)
+
+
+def quantize_weight(w: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """Per-output-channel symmetric quantization of w [out, in] -> (q, scale [out] float32)."""
+    w = w.float()
+    qmax = FP8_MAX if kind == "fp8" else INT8_MAX
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / qmax
+    x = w / scale[:, None]
+    q = x.clamp(-FP8_MAX, FP8_MAX).to(FP8) if kind == "fp8" else x.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_weight(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale[:, None]
+
+
+def quantize_fp8(x: Tensor, inv_scale: Tensor) -> Tensor:
+    """x * (1 / scale), saturated to the E4M3 range (an outlier beyond calibration clips, never NaNs)."""
+    return (x * inv_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """INT8 per row: (q int8 [M, K], scale float32 [M, 1]) with x ~= q * scale."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12) / INT8_MAX
+    return (x / scale).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+@dataclass(eq=False)
+class QuantWeight:
+    kind: str  # fp8 | int8
+    q: Tensor  # [out, in]
+    w_scale: Tensor  # [1, out] float32
+    bias: Tensor | None  # [out] in the output dtype
+    out_dtype: torch.dtype
+    act_scale: Tensor | None = None  # fp8: [1] float32 static per-tensor scale
+    _rows: dict = field(default_factory=dict)  # fp8: per-row copies of act_scale for each input height
+
+    @classmethod
+    def make(cls, w: Tensor, b: Tensor | None, kind: str, act_amax: float | None) -> "QuantWeight":
+        q, s = quantize_weight(w, kind)
+        act = None
+        if kind == "fp8":
+            if act_amax is None:
+                raise ValueError("FP8 needs a calibrated activation amax")
+            act = torch.tensor([max(act_amax, 1e-6) / FP8_MAX], device=w.device)
+        return cls(kind, q, s[None, :].contiguous(), b, w.dtype, act)
+
+    def __call__(self, x: Tensor, b: Tensor | None = None) -> Tensor:
+        bias = self.bias if b is None else b
+        if self.kind == "fp8":
+            m = x.shape[0]
+            scale_a = self._rows.get(m)
+            if scale_a is None:  # made once per input height (during warm-up, before capture)
+                scale_a = self._rows[m] = self.act_scale.expand(m, 1).contiguous()
+            xq = quantize_fp8(x, 1.0 / self.act_scale)
+            out = torch._scaled_mm(xq, self.q.t(), scale_a=scale_a, scale_b=self.w_scale, out_dtype=self.out_dtype)
+            return out.add_(bias) if bias is not None else out  # rowwise-scaled GEMMs take no bias
+        xq, sx = quantize_per_token(x)
+        m = xq.shape[0]
+        if m < INT_MM_MIN_ROWS:
+            xq = F.pad(xq, (0, 0, 0, 32 - m))
+        acc = torch._int_mm(xq, self.q.t())[:m]
+        out = acc.float().mul_(sx).mul_(self.w_scale)
+        if bias is not None:
+            out = out.add_(bias)
+        return out.to(self.out_dtype)
+
+
+@dataclass(eq=False)
+class Recorder:
+    """Calibration: runs the plain linear and records the largest |x| it has seen."""
+
+    weight: Tensor
+    amax: Tensor  # [1] float32 on the device, updated in place (no host sync while running)
+
+    def __call__(self, x: Tensor, b: Tensor | None = None) -> Tensor:
+        torch.maximum(self.amax, x.abs().amax().float(), out=self.amax)
+        return F.linear(x, self.weight, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration cache
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FLASHRT_CACHE", Path.home() / ".cache" / "flashrt")) / "calibration"
+
+
+def cache_key(**parts) -> str:
+    """A stable key over everything that changes the activation ranges: the checkpoint (path or Hub id
+    and revision, plus the weights file's size and mtime), the model settings and the platform."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def load_cached(key: str) -> dict | None:
+    path = cache_dir() / f"{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store(key: str, data: dict) -> Path:
+    path = cache_dir() / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    return path

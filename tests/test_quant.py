@@ -1,0 +1,115 @@
+"""Quantization math (scales, rounding, saturation), the calibration cache, and the accuracy guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import flashrt
+from checkpoints import write_checkpoint
+from flashrt import quant
+from flashrt.errors import AccuracyError
+
+torch.manual_seed(0)
+
+
+def test_int8_weights_per_channel():
+    w = torch.randn(64, 96) * torch.linspace(0.01, 10, 64)[:, None]  # channels of very different ranges
+    q, s = quant.quantize_weight(w, "int8")
+    assert q.dtype == torch.int8 and s.shape == (64,)
+    torch.testing.assert_close(s, w.abs().amax(1) / 127)
+    assert (q.abs().amax(1) == 127).all()  # each channel's largest value uses the full range
+    err = (quant.dequantize_weight(q, s) - w).abs()
+    assert (err <= s[:, None] / 2 + 1e-6).all()  # round to nearest: at most half a step
+
+
+def test_fp8_weights_and_saturation():
+    w = torch.randn(32, 64)
+    q, s = quant.quantize_weight(w, "fp8")
+    assert q.dtype == torch.float8_e4m3fn
+    rel = ((quant.dequantize_weight(q, s) - w).abs() / w.abs().clamp(min=1e-3)).max()
+    assert rel <= 2**-4 + 1e-6  # E4M3: 3 mantissa bits
+    x = torch.tensor([[1.0, -1000.0, 5000.0, float("inf")]])
+    y = quant.quantize_fp8(x, torch.tensor([1.0])).float()
+    assert torch.equal(y, torch.tensor([[1.0, -448.0, 448.0, 448.0]]))  # clips, never NaN
+
+
+def test_per_token_int8():
+    x = torch.randn(5, 16) * torch.tensor([1.0, 100.0, 0.01, 1.0, 0.0])[:, None]
+    q, s = quant.quantize_per_token(x)
+    assert q.dtype == torch.int8 and s.shape == (5, 1) and torch.isfinite(s).all()
+    assert (q[:4].abs().amax(1) == 127).all() and (q[4] == 0).all()
+    assert ((q.float() * s - x).abs() <= s / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("fp8", 0.06)])
+@pytest.mark.parametrize("rows", [1, 7, 50])  # int8 pads fewer than 17 rows for torch._int_mm
+def test_quantized_linear_close_to_float(kind, tol, rows):
+    w, b = torch.randn(48, 64) / 8, torch.randn(48)
+    x = torch.randn(rows, 64)
+    qw = quant.QuantWeight.make(w, b, kind, float(x.abs().max()) if kind == "fp8" else None)
+    out = quant.linear(x, qw)
+    ref = torch.nn.functional.linear(x, w, b)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()) < tol
+
+
+def test_recorder_tracks_amax_without_changing_results():
+    w = torch.randn(8, 4)
+    r = quant.Recorder(w, torch.zeros(1))
+    x1, x2 = torch.randn(3, 4), 7 * torch.randn(3, 4)
+    torch.testing.assert_close(quant.linear(x1, r), x1 @ w.t())
+    quant.linear(x2, r)
+    assert float(r.amax) == pytest.approx(float(torch.cat([x1, x2]).abs().max()))
+
+
+def test_cache_keys_and_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHRT_CACHE", str(tmp_path))
+    base = dict(checkpoint="x", weights=[("model.safetensors", 10, 5)], steps=10, platform="orin")
+    k = quant.cache_key(**base)
+    assert k == quant.cache_key(**dict(reversed(list(base.items()))))  # order does not matter
+    for change in ({"weights": [("model.safetensors", 10, 6)]}, {"steps": 5}, {"platform": "thor"}):
+        assert quant.cache_key(**{**base, **change}) != k
+    assert quant.load_cached(k) is None
+    quant.store(k, {"amax": {"a": 1.5}})
+    assert quant.load_cached(k) == {"amax": {"a": 1.5}}
+    (tmp_path / "calibration" / f"{k}.json").write_text("{broken")
+    assert quant.load_cached(k) is None  # a damaged file is recomputed, not trusted
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHRT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "ckpt"
+    write_checkpoint(folder, "pi05", "openpi", seed=2)
+    return dict(name="q", kind="pi05", checkpoint=str(folder), cameras=["a", "b"], state_dim=8, action_dim=7,
+                device="cpu", tokenizer="bytes", prompt="pick", max_prompt_tokens=120, calibration={"count": 3})
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_quantized_policy_calibrates_caches_and_guards(tiny, precision):
+    p = flashrt.load({**tiny, "precision": precision})
+    c = p.spec.calibration
+    assert p.spec.precision == precision and not c["cached"] and c["cosine"] >= 0.99
+    assert isinstance(p.model.vlm[0].qkv, quant.QuantWeight) and p.model.siglip.layers[0].qkv_b is None
+    rng = np.random.default_rng(0)
+    obs = {"images": {k: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for k in "ab"},
+           "state": np.zeros(8, np.float32)}
+    assert np.isfinite(p.infer(obs)["actions"]).all()
+    again = flashrt.load({**tiny, "precision": precision})
+    assert again.spec.calibration["cached"] and again.spec.calibration["key"] == c["key"]
+    fresh = flashrt.load({**tiny, "precision": precision, "calibration": {"count": 3, "refresh": True}})
+    assert not fresh.spec.calibration["cached"]
+    with pytest.raises(AccuracyError, match=rf"{precision} action chunk against bf16 .* cosine [01]\.\d{{6}} < calibration.min_cosine 1.0 \(max relative error"):
+        flashrt.load({**tiny, "precision": precision, "calibration": {"count": 3, "min_cosine": 1.0}})
+
+
+def test_changed_checkpoint_invalidates_the_cache(tiny):
+    first = flashrt.load({**tiny, "precision": "fp8"}).spec.calibration
+    weights = (flashrt.checkpoint.Path(tiny["checkpoint"]) / "model.safetensors")
+    st = weights.stat()
+    import os
+    os.utime(weights, (st.st_atime, st.st_mtime + 10))
+    second = flashrt.load({**tiny, "precision": "fp8"}).spec.calibration
+    assert second["key"] != first["key"] and not second["cached"]

@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from flashrt.errors import FlashRTError
+
 from .protocol import INTERNAL, OPENPI, ProtocolError, encode
 
 log = logging.getLogger("flashrt.runtime")
@@ -42,8 +44,6 @@ class Request:
 
 def error_of(e: BaseException) -> tuple[str, str]:
     """(code, message) for an exception raised while serving: expected failures keep their code."""
-    from flashrt.errors import FlashRTError  # the server side only; the client never imports this
-
     if isinstance(e, ProtocolError):
         return e.code, e.message
     if isinstance(e, FlashRTError):

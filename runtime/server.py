@@ -71,6 +71,7 @@ class Server:
         self._stats: dict[str, ModelStats] = {}
         self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._load_lock = threading.Lock()  # one load at a time: two captures would compete for the GPU
+        self._reload_lock = threading.Lock()  # one config reload at a time (SIGHUPs may come in quick succession)
         self._generations = itertools.count(1)
         self._stop_requested = False
         self._reload_requested = False
@@ -188,9 +189,13 @@ class Server:
         if frames == [b""]:  # a wake-up: run what other threads handed over
             while True:
                 try:
-                    self._calls.get_nowait()()
+                    call = self._calls.get_nowait()
                 except queue.Empty:
                     return
+                try:
+                    call()
+                except Exception:  # a bug in a hand-over must not stop the I/O loop
+                    log.exception("a task handed to the I/O thread failed")
         self._router.send_multipart(frames)  # a worker's encoded reply
 
     def _on_request(self, frames: list) -> None:
@@ -379,6 +384,10 @@ class Server:
 
     def _reload(self) -> None:
         """SIGHUP: load new or changed models from the config file, unload removed ones."""
+        with self._reload_lock:
+            self._reload_once()
+
+    def _reload_once(self) -> None:
         path = self.config.path
         if path is None:
             log.error("reload: this server was not started from a config file")

@@ -204,7 +204,7 @@ class Server:
         req = Request(route=route, t_recv=t_recv)
         self._requests += 1
         try:
-            size = sum(len(f) for f in frames[len(route):])
+            size = sum(map(len, frames[len(route):]))
             limit = self.config.server.max_message_bytes
             if size > limit:
                 raise ProtocolError(TOO_LARGE, f"message of {size} bytes is over this server's limit of {limit} "

@@ -60,11 +60,11 @@ class ModelExecutor:
         out.connect(self._reply_address)
         try:
             while (job := self._jobs.get()) is not None:
-                out.send_multipart(self._execute(*job))
+                self._execute(out, *job)
         finally:
             out.close()
 
-    def _execute(self, request: Request, work: Work) -> list:
+    def _execute(self, out: zmq.Socket, request: Request, work: Work) -> None:
         t_start = perf_counter()
         try:
             payload = work(self.model.policy)
@@ -74,11 +74,12 @@ class ModelExecutor:
             frames = request.reply(payload, timing)
         except Exception as e:
             code, message = error_of(e)
+            out.send_multipart(request.error(code, message, {"server_ms": (perf_counter() - request.t_recv) * 1e3}))
             self.stats.record_error(code)
-            return request.error(code, message, {"server_ms": (perf_counter() - request.t_recv) * 1e3})
+            return
         t_encoded = perf_counter()
+        out.send_multipart(frames)  # the reply first, the bookkeeping after
         total, infer = t_encoded - request.t_recv, t_end - t_start
         self.stats.record(decode=(request.t_ready - request.t_recv) * 1e3, queue=(t_start - request.t_ready) * 1e3,
                           infer=infer * 1e3, encode=(t_encoded - t_end) * 1e3, total=total * 1e3,
                           overhead=(total - infer) * 1e3)
-        return frames

@@ -49,7 +49,9 @@ def test_endpoints(served):
         assert loader.policies[0].resets == resets + 1
         [m] = c.models()
         assert (m["name"], m["kind"], m["generation"], m["queue"]) == ("demo", "pi05", 1, 0)
-        stats = c.stats()
+        deadline = time.monotonic() + 2  # the worker records a request's stats just after sending its reply
+        while (stats := c.stats())["models"]["demo"]["count"] < 2:
+            assert time.monotonic() < deadline
         s = stats["models"]["demo"]
         assert s["count"] == 2 and s["errors"] == 0  # the infer and the reset
         for metric in ("queue_ms", "infer_ms", "total_ms", "overhead_ms", "decode_ms", "encode_ms"):

@@ -225,3 +225,33 @@ def test_stop_answers_queued_requests(tmp_path):
         got.append(msgpack.unpackb(sock.recv())["ok"])
     sock.close()
     assert got == [True] * 5  # every queued request finished and was answered before the socket closed
+
+
+def test_client_lazy_pirate_resends_after_a_lost_reply():
+    """A server that drops the first request: the client gives up on that socket, reconnects, resends."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    seen = []
+
+    def serve() -> None:
+        for attempt in range(2):
+            frames = router.recv_multipart()
+            seen.append(msgpack.unpackb(frames[-1])["id"])
+            if attempt == 1:  # answer only the resend
+                router.send_multipart(frames[:-1] + [msgpack.packb({"ok": True, "id": seen[-1], "data": "pong"})])
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with PolicyClient(f"tcp://127.0.0.1:{port}", timeout_ms=300, retries=2) as c:
+            assert c.call("ping") == "pong"
+        thread.join(5)
+        assert len(seen) == 2 and seen[0] == seen[1]  # the same request, sent twice
+        with PolicyClient(f"tcp://127.0.0.1:{port}", timeout_ms=100, retries=1) as c:
+            t0 = time.monotonic()
+            with pytest.raises(TimeoutError, match="after 2 attempt"):
+                c.call("ping")
+            assert time.monotonic() - t0 < 2
+    finally:
+        router.close()

@@ -7,6 +7,7 @@ Nothing else in the project branches on compute capability: it asks the platform
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,6 +26,9 @@ class Platform:
     attention: str  # "flash_varlen" (FlashAttention varlen through torch) or "sdpa" (masked SDPA)
     cuda_graphs: bool
     native_kernels: bool  # flashrt._kernels is built for this GPU and may be used
+    # Query rows (tokens x heads) up to which attention runs FlashRT's split-K kernel instead of
+    # `attention` (the denoising steps' 50 x 8 rows against the prefix cache); 0: never.
+    native_attention_rows: int = 0
     _attention_forced: bool = False  # set when a config overrides the attention choice
 
     @property
@@ -63,12 +67,41 @@ _GPUS: dict[tuple[int, int], tuple[str, str]] = {
 _GPU_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+# Split-K attention (flashrt._kernels) for few query rows against the one-head prefix cache: the
+# largest query-row count for which it replaces PyTorch's FlashAttention/SDPA. Measured on the H100
+# with benchmarks/kernels.py (results in benchmarks/results/); the other GPUs run the same
+# mma.sync kernel (sm_80+ instructions, 96 KB of shared memory, within every target's limit) and
+# take the same bound until measured there.
+_NATIVE_ATTENTION_ROWS: dict[str, int] = {
+    "hopper": 1024,
+    "orin": 1024,
+    "rtx-ada": 1024,
+    "rtx-blackwell": 1024,
+    "thor": 1024,
+}
+
+
+def _arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether SASS for `arch` ("sm_90", "sm_90a", "sm_120") runs on a GPU of `capability`.
+
+    Plain sm_XY code runs on X.Z for Z >= Y (same major); arch-specific sm_XYa code only on X.Y.
+    """
+    m = re.fullmatch(r"sm_(\d+?)(\d)([af]?)", arch)
+    if m is None:
+        return False
+    major, minor, suffix = int(m.group(1)), int(m.group(2)), m.group(3)
+    if suffix:
+        return (major, minor) == tuple(capability)
+    return major == capability[0] and minor <= capability[1]
+
+
 def _kernels_built_for(capability: tuple[int, int]) -> bool:
     try:
         from . import _kernels  # type: ignore[attr-defined]
     except ImportError:
         return False
-    return f"sm_{capability[0]}{capability[1]}" in _kernels.archs() if hasattr(_kernels, "archs") else False
+    archs = _kernels.archs() if hasattr(_kernels, "archs") else []
+    return any(_arch_runs_on(a, capability) for a in archs)
 
 
 def _has_flash_varlen(capability: tuple[int, int]) -> bool:
@@ -89,6 +122,7 @@ def probe(device: str | None = None) -> Platform:
     cap = torch.cuda.get_device_capability(idx)
     name, precision = _GPUS.get(cap, ("cuda", "bf16" if cap >= (8, 0) else "fp16"))
     precisions = _GPU_PRECISIONS if cap >= (8, 0) else ("fp32", "fp16")
+    native = _kernels_built_for(cap)
     return Platform(
         name=name,
         device=f"cuda:{idx}",
@@ -98,7 +132,8 @@ def probe(device: str | None = None) -> Platform:
         precisions=precisions,
         attention="flash_varlen" if _has_flash_varlen(cap) else "sdpa",
         cuda_graphs=True,
-        native_kernels=_kernels_built_for(cap),
+        native_kernels=native,
+        native_attention_rows=_NATIVE_ATTENTION_ROWS.get(name, 1024) if native else 0,
     )
 
 

@@ -1,8 +1,11 @@
 """The fused ops the models call, dispatched once per engine.
 
 `for_platform(platform)` returns a namespace of functions: the native CUDA kernels of
-`flashrt._kernels` where that module is built for the GPU, the PyTorch versions in `torch_ops`
-otherwise. Models hold the namespace and never branch on the platform themselves.
+`flashrt._kernels` (wrapped in `native`) where that module is built for the GPU
+(`platform.native_kernels`), the PyTorch versions in `torch_ops` otherwise. Models hold the
+namespace and never branch on the platform themselves. Each native wrapper has its reference's
+signature and falls back to it for inputs its kernel does not cover (CPU tensors, unsupported
+dtypes or layouts), so mixing is always safe; `native` in the namespace says which path was chosen.
 """
 
 from __future__ import annotations
@@ -25,5 +28,10 @@ def reference_ops() -> dict:
 
 def for_platform(platform) -> SimpleNamespace:
     ops = reference_ops()
-    ops["native"] = False
+    use_native = bool(getattr(platform, "native_kernels", False))
+    if use_native:
+        from . import native
+
+        ops.update(native.native_ops(platform))
+    ops["native"] = use_native
     return SimpleNamespace(**ops)

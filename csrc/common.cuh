@@ -1,0 +1,106 @@
+// Shared helpers for the FlashRT kernels: dtype codes, 16-byte vector loads/stores, warp/block
+// reductions and launch error checking.
+//
+// Every kernel in csrc/ takes raw device pointers, sizes and a cudaStream_t: no torch headers, no
+// host synchronization, no allocation. That keeps each launch capturable in a CUDA graph. The host
+// launchers throw std::runtime_error (RuntimeError in Python) when a launch fails, and
+// std::invalid_argument (ValueError) when the arguments are outside what a kernel supports.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace flashrt {
+
+// dtype codes shared with flashrt/ops/native.py
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+inline void check_launch(const char* what) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("flashrt._kernels.") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+inline void require(bool ok, const char* what, const char* msg) {
+  if (!ok) throw std::invalid_argument(std::string("flashrt._kernels.") + what + ": " + msg);
+}
+
+// ---- scalar conversions -------------------------------------------------------------------------
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Round a float to T and back: what a value looks like after it was stored in T.
+template <typename T> __device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
+
+// ---- 16-byte vectors ----------------------------------------------------------------------------
+// A Vec<T> is one 16-byte load: 8 bf16/fp16 or 4 fp32 elements. All row pointers handed to the
+// kernels are checked (Python side) to be 16-byte aligned with row strides that are multiples of
+// the vector width, so these loads are always aligned.
+template <typename T> struct Vec {
+  static constexpr int N = 16 / sizeof(T);
+  union { uint4 u; T e[N]; };
+};
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&f)[Vec<T>::N]) {
+  Vec<T> v;
+  v.u = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < Vec<T>::N; ++i) f[i] = to_f(v.e[i]);
+}
+
+// Read-only variant through the non-coherent (texture) path, for inputs no kernel writes.
+template <typename T>
+__device__ __forceinline__ void load_vec_ro(const T* p, float (&f)[Vec<T>::N]) {
+  Vec<T> v;
+  v.u = __ldg(reinterpret_cast<const uint4*>(p));
+#pragma unroll
+  for (int i = 0; i < Vec<T>::N; ++i) f[i] = to_f(v.e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const float (&f)[Vec<T>::N]) {
+  Vec<T> v;
+#pragma unroll
+  for (int i = 0; i < Vec<T>::N; ++i) v.e[i] = from_f<T>(f[i]);
+  *reinterpret_cast<uint4*>(p) = v.u;
+}
+
+// ---- reductions ---------------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024). Every thread gets the
+// result. `scratch` holds 33 floats; the trailing __syncthreads lets the caller reuse it at once.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float t = lane < nwarps ? scratch[lane] : 0.f;
+    t = warp_sum(t);
+    if (lane == 0) scratch[32] = t;
+  }
+  __syncthreads();
+  float r = scratch[32];
+  __syncthreads();
+  return r;
+}
+
+}  // namespace flashrt

@@ -1,0 +1,250 @@
+// Memory-bound fused kernels: GeGLU, rotary embedding with the KV-cache write, the flow-matching
+// Euler update fused with the action output projection, and image preprocessing.
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace flashrt {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// GeGLU: out[t, j] = gelu_tanh(gate[t, j]) * up[t, j], reading the fused gate/up GEMM output
+// gu = [gate | up] ([rows, 2m]) directly. One 16-byte vector of gate and the matching vector of up
+// per thread; blockIdx.y is the row, so no division per element. gelu_tanh as PyTorch writes it:
+// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in fp32 with one rounding of the product.
+// Bytes: read 2m, write m elements per row.
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ float gelu_tanh(float x) {
+  constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
+  constexpr float kKappa = 0.044715f;
+  const float inner = kBeta * (x + kKappa * x * x * x);
+  return 0.5f * x * (1.f + tanhf(inner));
+}
+
+template <typename T>
+__global__ void gelu_tanh_mul_kernel(const T* __restrict__ gu, int64_t gu_stride, T* __restrict__ out, int m) {
+  constexpr int N = Vec<T>::N;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;  // vector index within the row
+  if (c * N >= m) return;
+  const int64_t row = blockIdx.y;
+  const T* g = gu + row * gu_stride + c * N;
+  float a[N], b[N], o[N];
+  load_vec_ro(g, a);
+  load_vec_ro(g + m, b);
+#pragma unroll
+  for (int i = 0; i < N; ++i) o[i] = gelu_tanh(a[i]) * b[i];
+  store_vec(out + row * (int64_t)m + c * N, o);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Rotary embedding on the fused QKV projection, one KV head (Gemma / Pi0):
+//   qkv row = [q_0 .. q_{H-1} | k | v], each head d wide.
+//   rope(x)[i] = x[i] * cos[i] + x[(i + d/2) % d] * sin[i], with the engine's tables
+//   cos = [cos | cos], sin = [-sin | sin] (the split-half rotation, exactly torch_ops.rope_qkv).
+// One block per token. A work item is one 16-byte vector at column c of the lower half together
+// with its partner at c + d/2 (each needs the other), for the H query heads and k; the remaining
+// items copy v. q goes to a new [rows, H, d] tensor; k and v go straight into the cache row
+// slots[t] (rows past the prefix during the denoising steps), so no separate copy kernel runs.
+// Bytes per token: read (H + 2) d + 2 d (tables), write (H + 2) d.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void rope_qkv_kernel(const T* __restrict__ qkv, int64_t qkv_stride, const T* __restrict__ cos,
+                                int64_t cos_stride, const T* __restrict__ sin, int64_t sin_stride, int heads,
+                                int d, T* __restrict__ q_out, T* __restrict__ k_cache, int64_t k_stride,
+                                T* __restrict__ v_cache, int64_t v_stride, const int64_t* __restrict__ slots) {
+  constexpr int N = Vec<T>::N;
+  const int64_t t = blockIdx.x;
+  const int half = d / 2;
+  const int pairs = half / N;                 // vector pairs per head
+  const int rope_items = (heads + 1) * pairs;  // q heads and k
+  const int items = rope_items + d / N;       // + v vectors
+  const int64_t slot = slots != nullptr ? slots[t] : t;
+  const T* src = qkv + t * qkv_stride;
+  const T* cr = cos + t * cos_stride;
+  const T* sr = sin + t * sin_stride;
+  for (int it = threadIdx.x; it < items; it += blockDim.x) {
+    if (it < rope_items) {
+      const int h = it / pairs;
+      const int lo = (it - h * pairs) * N, hi = lo + half;
+      float xl[N], xh[N], cl[N], ch[N], sl[N], sh[N], ol[N], oh[N];
+      load_vec_ro(src + h * d + lo, xl);
+      load_vec_ro(src + h * d + hi, xh);
+      load_vec_ro(cr + lo, cl);
+      load_vec_ro(cr + hi, ch);
+      load_vec_ro(sr + lo, sl);
+      load_vec_ro(sr + hi, sh);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        ol[i] = fmaf(xh[i], sl[i], xl[i] * cl[i]);
+        oh[i] = fmaf(xl[i], sh[i], xh[i] * ch[i]);
+      }
+      T* dst = h < heads ? q_out + (t * heads + h) * d : k_cache + slot * k_stride;
+      store_vec(dst + lo, ol);
+      store_vec(dst + hi, oh);
+    } else {
+      const int c = (it - rope_items) * N;
+      *reinterpret_cast<uint4*>(v_cache + slot * v_stride + c) =
+          __ldg(reinterpret_cast<const uint4*>(src + (heads + 1) * d + c));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Flow-matching Euler update fused with the action output projection:
+//   acc[r, o] += x[r, :] . w[o, :] + b[o]     (dt is folded into w and b at load)
+// acc is the fp32 flow state [H, 32]; x the expert's final-normed output [H, 1024]. The torch path
+// runs a bf16 GEMM (rounding v to bf16) and then an add kernel. Here one warp computes one output
+// element in fp32: the lanes stride the k axis in 16-byte vectors (all loads of a lane issued
+// before the first use: 4 + 4 for k = 1024) and reduce with shuffles, so the kernel costs about
+// one L2 round trip. Bytes: x and w (64 KB, from L2 after the first row), acc read and written.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void linear_accumulate_kernel(float* __restrict__ acc, int64_t acc_stride, const T* __restrict__ x,
+                                         int64_t x_stride, const T* __restrict__ w, int64_t w_stride,
+                                         const T* __restrict__ b, int rows, int n_out, int k) {
+  constexpr int N = Vec<T>::N;
+  const int lane = threadIdx.x & 31;
+  const int64_t item = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (item >= (int64_t)rows * n_out) return;
+  const int64_t row = item / n_out;
+  const int o = (int)(item - row * n_out);
+  const T* xr = x + row * x_stride;
+  const T* wr = w + (int64_t)o * w_stride;
+  const int kv = k / N;
+  float s = 0.f;
+#pragma unroll 4
+  for (int c = lane; c < kv; c += 32) {
+    float a[N], ww[N];
+    load_vec_ro(xr + c * N, a);
+    load_vec_ro(wr + c * N, ww);
+#pragma unroll
+    for (int i = 0; i < N; ++i) s = fmaf(a[i], ww[i], s);
+  }
+  s = warp_sum(s);
+  if (lane == 0) {
+    if (b != nullptr) s += to_f(b[o]);
+    acc[row * acc_stride + o] += s;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Image preprocessing, all cameras in one launch (blockIdx.y = camera): uint8 [h, w, 3] ->
+// out[slot] = [3, S, S] in [-1, 1], resize-with-pad as flashrt/preprocess.py: bilinear resize to
+// (nh, nw) with PyTorch's align_corners=False arithmetic (scale = in / out in fp32, source index
+// clamped at 0, upper neighbour clamped at the edge), centred at (top, left), padding -1.
+// The value is rounded like the torch op does it: (r * 2/255) rounded to the dtype, then - 1,
+// rounded again, so both paths give the same numbers. One thread per output pixel, 3 channels.
+// ------------------------------------------------------------------------------------------------
+struct CameraBatch {
+  CameraImage cam[kMaxCameras];
+};
+
+template <typename T>
+__global__ void images_to_model_kernel(CameraBatch batch, T* __restrict__ out, int size) {
+  const int p = blockIdx.x * blockDim.x + threadIdx.x;
+  const int plane = size * size;
+  if (p >= plane) return;
+  const CameraImage c = batch.cam[blockIdx.y];
+  const int oy = p / size, ox = p - oy * size;
+  T* o = out + (int64_t)c.slot * 3 * plane + p;
+  const int iy = oy - c.top, ix = ox - c.left;
+  if (iy < 0 || iy >= c.nh || ix < 0 || ix >= c.nw) {
+    o[0] = o[plane] = o[2 * plane] = from_f<T>(-1.f);
+    return;
+  }
+  const float rh = (float)c.h / (float)c.nh, rw = (float)c.w / (float)c.nw;
+  const float sy = fmaxf(rh * (iy + 0.5f) - 0.5f, 0.f);
+  const float sx = fmaxf(rw * (ix + 0.5f) - 0.5f, 0.f);
+  const int y0 = (int)sy, x0 = (int)sx;
+  const int y1 = y0 + (y0 < c.h - 1 ? 1 : 0), x1 = x0 + (x0 < c.w - 1 ? 1 : 0);
+  const float ly1 = sy - y0, ly0 = 1.f - ly1, lx1 = sx - x0, lx0 = 1.f - lx1;
+  const uint8_t* r0 = c.img + (int64_t)y0 * c.w * 3;
+  const uint8_t* r1 = c.img + (int64_t)y1 * c.w * 3;
+#pragma unroll
+  for (int ch = 0; ch < 3; ++ch) {
+    const float v = ly0 * (lx0 * r0[x0 * 3 + ch] + lx1 * r0[x1 * 3 + ch]) +
+                    ly1 * (lx0 * r1[x0 * 3 + ch] + lx1 * r1[x1 * 3 + ch]);
+    const float scaled = round_to<T>(v * (2.f / 255.f));
+    o[ch * plane] = from_f<T>(scaled - 1.f);
+  }
+}
+
+template <typename F>
+void dispatch(int dtype, const char* what, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat16: f(__half{}); break;
+    case kBFloat16: f(__nv_bfloat16{}); break;
+    default: require(false, what, "unsupported dtype");
+  }
+}
+
+}  // namespace
+
+void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int rows, int m, void* stream) {
+  require(m % (dtype == kFloat32 ? 4 : 8) == 0, "gelu_tanh_mul", "m must be a multiple of 16 bytes");
+  if (rows == 0 || m == 0) return;
+  dispatch(dtype, "gelu_tanh_mul", [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int threads = 256;
+    const int nvec = m / Vec<T>::N;
+    dim3 grid((nvec + threads - 1) / threads, rows);
+    gelu_tanh_mul_kernel<T><<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(gu), gu_stride, static_cast<T*>(out), m);
+  });
+  check_launch("gelu_tanh_mul");
+}
+
+void rope_qkv(int dtype, const void* qkv, int64_t qkv_stride, const void* cos, int64_t cos_stride,
+              const void* sin, int64_t sin_stride, int rows, int heads, int d, void* q_out,
+              void* k_cache, int64_t k_stride, void* v_cache, int64_t v_stride, const int64_t* slots,
+              void* stream) {
+  require(d % (2 * (dtype == kFloat32 ? 4 : 8)) == 0, "rope_qkv", "head_dim/2 must be a multiple of 16 bytes");
+  if (rows == 0) return;
+  dispatch(dtype, "rope_qkv", [&](auto tag) {
+    using T = decltype(tag);
+    rope_qkv_kernel<T><<<rows, 128, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(qkv), qkv_stride, static_cast<const T*>(cos), cos_stride,
+        static_cast<const T*>(sin), sin_stride, heads, d, static_cast<T*>(q_out), static_cast<T*>(k_cache),
+        k_stride, static_cast<T*>(v_cache), v_stride, slots);
+  });
+  check_launch("rope_qkv");
+}
+
+void linear_accumulate(int dtype, float* acc, int64_t acc_stride, const void* x, int64_t x_stride,
+                       const void* w, int64_t w_stride, const void* b, int rows, int n_out, int k,
+                       void* stream) {
+  require(k % (dtype == kFloat32 ? 4 : 8) == 0, "linear_accumulate", "k must be a multiple of 16 bytes");
+  if (rows == 0 || n_out == 0) return;
+  dispatch(dtype, "linear_accumulate", [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int warps = 8;
+    const int64_t items = (int64_t)rows * n_out;
+    linear_accumulate_kernel<T><<<(unsigned)((items + warps - 1) / warps), warps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
+        acc, acc_stride, static_cast<const T*>(x), x_stride, static_cast<const T*>(w), w_stride,
+        static_cast<const T*>(b), rows, n_out, k);
+  });
+  check_launch("linear_accumulate");
+}
+
+void images_to_model(int dtype, const CameraImage* cams, int n, void* out, int size, void* stream) {
+  require(n >= 0 && n <= kMaxCameras, "images_to_model", "at most 8 cameras per launch");
+  if (n == 0) return;
+  CameraBatch batch{};
+  for (int i = 0; i < n; ++i) {
+    const CameraImage& c = cams[i];
+    require(c.h > 0 && c.w > 0 && c.nh > 0 && c.nw > 0 && c.nh <= size && c.nw <= size && c.top >= 0 &&
+                c.left >= 0 && c.top + c.nh <= size && c.left + c.nw <= size,
+            "images_to_model", "bad image geometry");
+    batch.cam[i] = c;
+  }
+  dispatch(dtype, "images_to_model", [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int threads = 256;
+    dim3 grid((size * size + threads - 1) / threads, n);
+    images_to_model_kernel<T><<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(batch, static_cast<T*>(out), size);
+  });
+  check_launch("images_to_model");
+}
+
+}  // namespace flashrt

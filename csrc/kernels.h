@@ -1,0 +1,67 @@
+// Host launchers of the FlashRT kernels. Plain C++ (no CUDA headers) so that bindings.cpp builds
+// with the host compiler: device pointers are `void*`, the stream is a `void*` holding a
+// cudaStream_t. Each launcher enqueues its kernel(s) on the stream and returns at once; it throws
+// std::invalid_argument for unsupported arguments and std::runtime_error when a launch fails.
+// Sizes and strides are in elements. dtype: 0 fp32, 1 fp16, 2 bf16 (common.cuh).
+#pragma once
+
+#include <cstdint>
+
+namespace flashrt {
+
+// Residual modes of the norm kernel.
+enum ResidualMode : int { kResNone = 0, kResAdd = 1, kResGated = 2 };
+
+// One pass over rows of `width` elements:
+//   residual: x += y (kResAdd) or x += gate * y (kResGated), written back to x in place;
+//   norm:     RMS (x * rsqrt(mean(x^2) + eps)) or LayerNorm ((x - mean) * rsqrt(var + eps));
+//   affine:   out = norm * scale + shift (scale/shift [width]; null = no affine).
+// Statistics in fp32 over the residual after it was rounded to the dtype (what the in-place add
+// leaves in x), one rounding of the output.
+void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride, const void* gate,
+          const void* scale, const void* shift, void* out, int64_t out_stride, int rows, int width,
+          float eps, int residual, bool layer_norm, void* stream);
+
+// GeGLU: out[t, j] = gelu_tanh(gu[t, j]) * gu[t, m + j]; gu [rows, 2m] (row stride gu_stride),
+// out [rows, m] contiguous.
+void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int rows, int m, void* stream);
+
+// Rotary embedding of a fused QKV row [(heads + 2) * d] with one KV head:
+//   rope(x)[i] = x[i] * cos[i] + x[(i + d/2) % d] * sin[i]   (sin = [-sin | sin], split-half)
+// q -> q_out [rows, heads, d] (contiguous); rope(k) and v -> row slots[t] (t if slots is null) of
+// k_cache / v_cache.
+void rope_qkv(int dtype, const void* qkv, int64_t qkv_stride, const void* cos, int64_t cos_stride,
+              const void* sin, int64_t sin_stride, int rows, int heads, int d, void* q_out,
+              void* k_cache, int64_t k_stride, void* v_cache, int64_t v_stride, const int64_t* slots,
+              void* stream);
+
+// acc[r, o] += sum_k x[r, k] * w[o, k] + b[o]   (acc fp32; x, w, b in dtype; b may be null).
+void linear_accumulate(int dtype, float* acc, int64_t acc_stride, const void* x, int64_t x_stride,
+                       const void* w, int64_t w_stride, const void* b, int rows, int n_out, int k,
+                       void* stream);
+
+// Resize-with-pad of up to kMaxCameras uint8 HxWx3 images into out [C, 3, size, size] (dtype),
+// scaled to [-1, 1], pad -1; one launch for all of them.
+constexpr int kMaxCameras = 8;
+struct CameraImage {
+  const uint8_t* img;  // [h, w, 3] contiguous
+  int h, w;            // input size
+  int nh, nw;          // resized size (resize_with_pad_geometry)
+  int top, left;       // placement in the output square
+  int slot;            // output slot in [0, C)
+};
+void images_to_model(int dtype, const CameraImage* cams, int n, void* out, int size, void* stream);
+
+// Split-K ("flash-decoding") attention of R query rows (heads folded into rows, already scaled)
+// against one KV head, head dim 256. Keys [0, n_k) with n_k = cu_k[1] (device int32) clamped to
+// n_keys, or all n_keys keys under key_mask (device bool [n_keys]) when cu_k is null. Query rows
+// at or past cu_q[1] (when cu_q is given) are left unwritten. A CTA of `warps` (2 or 4) warps
+// takes a tile of 16 x warps query rows; `splits` (<= 32) CTAs share the keys of one tile. With
+// splits > 1 the partial results go to workspace `part_o` (fp32 [splits, R, 256]) and `part_ml`
+// (fp32 [splits, R, 2]) and a second kernel combines them.
+void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k, int64_t k_stride,
+                      const void* v, int64_t v_stride, void* out, int64_t out_stride, int rows,
+                      int n_keys, const int32_t* cu_q, const int32_t* cu_k, const bool* key_mask,
+                      int warps, int splits, float* part_o, float* part_ml, void* stream);
+
+}  // namespace flashrt

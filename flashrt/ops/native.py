@@ -1,0 +1,327 @@
+"""The fused ops on FlashRT's own CUDA kernels (`flashrt._kernels`, built from csrc/).
+
+Each function here has the signature and semantics of its PyTorch reference (`torch_ops`, and
+`preprocess.images_to_model`): same arguments, same in-place updates of the residual stream and of
+the KV caches, same return values and dtypes. It checks its arguments, passes raw device pointers,
+sizes and the current CUDA stream to the kernel, and falls back to the reference for whatever a
+kernel does not cover (a CPU tensor, an unsupported dtype or layout), so it is always safe to call.
+Nothing here synchronizes with the host or reads a device value on the host: valid lengths stay in
+device tensors, so the kernels capture into CUDA graphs. Outputs are allocated with torch.empty
+(the caching allocator, which graph capture supports).
+
+What the kernels require (otherwise the torch op runs):
+- dtypes: bf16, fp16 and fp32 (attention: bf16 and fp16); all tensors of an op in one dtype, except
+  `linear_accumulate`'s fp32 accumulator and `images_to_model`'s uint8 images.
+- 2-D activations [rows, width] with unit column stride, 16-byte aligned rows (width and row
+  stride multiples of 8 elements in bf16/fp16, 4 in fp32); 1-D vectors (norm weights, adaRMS
+  modulation rows, gate) contiguous. Row views of larger tensors are fine.
+- rope_qkv: qkv [T, (H + 2) * D] rows (the fused QKV GEMM output), cos/sin [T, D] rows, caches
+  [N, D] with unit column stride (row slices of the [depth, N, D] cache), slots int64 [T] or None.
+- attention: head dim 256, query rows T * H <= the platform's `native_attention_rows` (the
+  denoising steps' 400 rows, Pi0's 8 state-token rows); larger query counts (the prefix) run
+  torch's FlashAttention / SDPA.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from .. import preprocess
+from . import torch_ops
+
+try:  # the module exists only where csrc/ was compiled
+    from .. import _kernels
+except ImportError:  # pragma: no cover - exercised by the CPU test suite without nvcc
+    _kernels = None
+
+_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_RES_NONE, _RES_ADD, _RES_GATED = 0, 1, 2
+HEAD_DIM = 256  # the split-K attention kernel's head dim
+# Split-K attention launch shape (swept with benchmarks/kernels.py on the H100: 4 warps per CTA
+# beat 1 and 2 at every shape; 8-16 splits of the ~760 keys were best): warps per CTA (16 query
+# rows each), the smallest key slice one CTA takes, how many CTAs per SM to aim for, and the
+# kernel's limit on splits.
+ATTN_WARPS = 4
+KEYS_PER_SPLIT = 64
+CTAS_PER_SM = 2
+MAX_SPLITS = 32
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Output allocation (the GPU tests replace it to poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def available() -> bool:
+    """True when flashrt._kernels is importable (built for some GPU)."""
+    return _kernels is not None
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _vec(t: Tensor) -> int:
+    return 16 // t.element_size()
+
+
+def _rows_ok(t: Tensor, code_dtype: torch.dtype | None = None) -> bool:
+    """2-D CUDA tensor of a kernel dtype, unit column stride, 16-byte aligned rows."""
+    if t.dim() != 2 or not t.is_cuda or t.dtype not in _CODES:
+        return False
+    if code_dtype is not None and t.dtype != code_dtype:
+        return False
+    v = _vec(t)
+    return (t.shape[1] % v == 0 and (t.stride(1) == 1 or t.shape[1] <= 1) and t.stride(0) % v == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def _vector_ok(t: Tensor, n: int, dtype: torch.dtype) -> bool:
+    return (t.dim() == 1 and t.shape[0] == n and t.dtype == dtype and t.is_cuda
+            and (t.stride(0) == 1 or n <= 1) and t.data_ptr() % 16 == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms (one kernel: residual add or gated residual, RMS or LayerNorm, optional affine)
+
+
+def _norm(x: Tensor, y: Tensor | None, gate: Tensor | None, scale: Tensor | None, shift: Tensor | None,
+          eps: float, residual: int, layer_norm: bool) -> Tensor:
+    out = _empty(x.shape, x.dtype, x.device)
+    _kernels.norm(_CODES[x.dtype], x.data_ptr(), x.stride(0), 0 if y is None else y.data_ptr(),
+                  0 if y is None else y.stride(0), 0 if gate is None else gate.data_ptr(),
+                  0 if scale is None else scale.data_ptr(), 0 if shift is None else shift.data_ptr(),
+                  out.data_ptr(), out.stride(0), x.shape[0], x.shape[1], float(eps), residual, layer_norm,
+                  _stream(x))
+    return out
+
+
+def _norm_args_ok(x: Tensor, y: Tensor | None = None, *vectors: Tensor) -> bool:
+    if not _rows_ok(x) or x.shape[1] == 0 or x.shape[1] // _vec(x) > 4096:
+        return False
+    if y is not None and (not _rows_ok(y, x.dtype) or y.shape != x.shape or y.device != x.device):
+        return False
+    return all(_vector_ok(v, x.shape[1], x.dtype) and v.device == x.device for v in vectors)
+
+
+def rms_norm(x: Tensor, eps: float) -> Tensor:
+    if not _norm_args_ok(x):
+        return torch_ops.rms_norm(x, eps)
+    return _norm(x, None, None, None, None, eps, _RES_NONE, False)
+
+
+def add_rms_norm(x: Tensor, y: Tensor, eps: float) -> Tensor:
+    if not _norm_args_ok(x, y):
+        return torch_ops.add_rms_norm(x, y, eps)
+    return _norm(x, y, None, None, None, eps, _RES_ADD, False)
+
+
+def ada_rms_norm(x: Tensor, scale1p: Tensor, shift: Tensor, eps: float) -> Tensor:
+    if not _norm_args_ok(x, None, scale1p, shift):
+        return torch_ops.ada_rms_norm(x, scale1p, shift, eps)
+    return _norm(x, None, None, scale1p, shift, eps, _RES_NONE, False)
+
+
+def add_ada_rms_norm(x: Tensor, y: Tensor, gate: Tensor, scale1p: Tensor, shift: Tensor, eps: float) -> Tensor:
+    if not _norm_args_ok(x, y, gate, scale1p, shift):
+        return torch_ops.add_ada_rms_norm(x, y, gate, scale1p, shift, eps)
+    return _norm(x, y, gate, scale1p, shift, eps, _RES_GATED, False)
+
+
+def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    if w is None or b is None or not _norm_args_ok(x, None, w, b):
+        return torch_ops.layer_norm(x, w, b, eps)
+    return _norm(x, None, None, w, b, eps, _RES_NONE, True)
+
+
+def add_layer_norm(x: Tensor, y: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+    if w is None or b is None or not _norm_args_ok(x, y, w, b):
+        return torch_ops.add_layer_norm(x, y, w, b, eps)
+    return _norm(x, y, None, w, b, eps, _RES_ADD, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# GeGLU, RoPE + KV-cache write, Euler update
+
+
+def gelu_tanh_mul(gate_up: Tensor) -> Tensor:
+    if not _rows_ok(gate_up) or gate_up.shape[1] % (2 * _vec(gate_up)) != 0:
+        return torch_ops.gelu_tanh_mul(gate_up)
+    t, m = gate_up.shape[0], gate_up.shape[1] // 2
+    out = _empty((t, m), gate_up.dtype, gate_up.device)
+    _kernels.gelu_tanh_mul(_CODES[gate_up.dtype], gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), t, m,
+                           _stream(gate_up))
+    return out
+
+
+def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, k_cache: Tensor, v_cache: Tensor,
+             slots: Tensor | None) -> Tensor:
+    t, d = qkv.shape[0], cos.shape[-1]
+    ok = (_rows_ok(qkv) and qkv.shape[1] == (n_heads + 2) * d and d % (2 * _vec(qkv)) == 0
+          and all(_rows_ok(a, qkv.dtype) and a.device == qkv.device for a in (cos, sin, k_cache, v_cache))
+          and cos.shape == (t, d) and sin.shape == (t, d) and k_cache.shape[1] == d and v_cache.shape[1] == d
+          and (slots is not None or k_cache.shape[0] >= t and v_cache.shape[0] >= t)
+          and (slots is None or (slots.dtype == torch.int64 and slots.shape == (t,) and slots.device == qkv.device
+                                 and slots.is_contiguous())))
+    if not ok:
+        return torch_ops.rope_qkv(qkv, cos, sin, n_heads, k_cache, v_cache, slots)
+    q = _empty((t, n_heads, d), qkv.dtype, qkv.device)
+    _kernels.rope_qkv(_CODES[qkv.dtype], qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), cos.stride(0),
+                      sin.data_ptr(), sin.stride(0), t, n_heads, d, q.data_ptr(), k_cache.data_ptr(),
+                      k_cache.stride(0), v_cache.data_ptr(), v_cache.stride(0),
+                      0 if slots is None else slots.data_ptr(), _stream(qkv))
+    return q
+
+
+def linear_accumulate(acc: Tensor, x: Tensor, w: Tensor, b: Tensor) -> None:
+    ok = (acc.dim() == 2 and acc.is_cuda and acc.dtype == torch.float32 and acc.stride(1) == 1
+          and _rows_ok(x) and _rows_ok(w, x.dtype) and x.shape[0] == acc.shape[0] and w.shape[0] == acc.shape[1]
+          and w.shape[1] == x.shape[1] and acc.device == x.device == w.device
+          and (b is None or (b.dim() == 1 and b.shape[0] == w.shape[0] and b.dtype == x.dtype
+                             and b.is_contiguous() and b.device == x.device)))
+    if not ok:
+        return torch_ops.linear_accumulate(acc, x, w, b)
+    _kernels.linear_accumulate(_CODES[x.dtype], acc.data_ptr(), acc.stride(0), x.data_ptr(), x.stride(0),
+                               w.data_ptr(), w.stride(0), 0 if b is None else b.data_ptr(), acc.shape[0],
+                               acc.shape[1], x.shape[1], _stream(acc))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention: split-K kernel for few query rows against the one-head KV cache
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def attention_splits(rows: int, n_keys: int, device: torch.device, warps: int = ATTN_WARPS,
+                     keys_per_split: int = KEYS_PER_SPLIT, ctas_per_sm: int = CTAS_PER_SM) -> int:
+    """How many CTAs share the keys of one query tile (16 x warps rows): enough to give every SM
+    about `ctas_per_sm` CTAs, but at least `keys_per_split` keys each."""
+    tiles = math.ceil(rows / (16 * warps))
+    want = math.ceil(ctas_per_sm * _sm_count(device.index or 0) / tiles)
+    return max(1, min(want, math.ceil(n_keys / keys_per_split), MAX_SPLITS))
+
+
+def attention_decode(q2: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor | None, cu_k: Tensor | None,
+                     key_mask: Tensor | None, splits: int | None = None, warps: int = ATTN_WARPS) -> Tensor:
+    """The kernel on q2 [R, 256] (rows = tokens x heads): returns [R, 256]. Callers check the layout."""
+    rows, n_keys = q2.shape[0], k_cache.shape[0]
+    if splits is None:
+        splits = attention_splits(rows, n_keys, q2.device, warps)
+    out = _empty((rows, HEAD_DIM), q2.dtype, q2.device)
+    part_o = part_ml = None
+    if splits > 1:
+        part_o = _empty((splits, rows, HEAD_DIM), torch.float32, q2.device)
+        part_ml = _empty((splits, rows, 2), torch.float32, q2.device)
+    _kernels.attention_decode(
+        _CODES[q2.dtype], q2.data_ptr(), q2.stride(0), k_cache.data_ptr(), k_cache.stride(0), v_cache.data_ptr(),
+        v_cache.stride(0), out.data_ptr(), out.stride(0), rows, n_keys, 0 if cu_q is None else cu_q.data_ptr(),
+        0 if cu_k is None else cu_k.data_ptr(), 0 if key_mask is None else key_mask.data_ptr(), warps, splits,
+        0 if part_o is None else part_o.data_ptr(), 0 if part_ml is None else part_ml.data_ptr(), _stream(q2))
+    return out
+
+
+def _attention_args(q: Tensor, k_cache: Tensor, v_cache: Tensor, max_rows: int) -> Tensor | None:
+    """q as [T * H, 256] rows for the kernel, or None when the torch op must run."""
+    if q.dim() != 3 or q.dtype not in (torch.float16, torch.bfloat16) or not q.is_cuda:
+        return None
+    t, h, d = q.shape
+    if d != HEAD_DIM or t * h > max_rows or t * h == 0:
+        return None
+    if not all(_rows_ok(a, q.dtype) and a.shape[1] == d and a.device == q.device for a in (k_cache, v_cache)):
+        return None
+    q2 = q.reshape(t * h, d)
+    if not _rows_ok(q2):
+        q2 = q2.contiguous()
+    return q2
+
+
+def _int32_pair_ok(t: Tensor | None, device: torch.device) -> bool:
+    return t is not None and t.dtype == torch.int32 and t.device == device and t.numel() >= 2 and t.is_contiguous()
+
+
+def make_attention_flash_varlen(max_rows: int):
+    def attention_flash_varlen(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor, cu_k: Tensor,
+                               max_q: int, max_k: int) -> Tensor:
+        q2 = _attention_args(q, k_cache, v_cache, max_rows)
+        if q2 is None or not (_int32_pair_ok(cu_q, q.device) and _int32_pair_ok(cu_k, q.device)):
+            return torch_ops.attention_flash_varlen(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k)
+        t, h, d = q.shape
+        return attention_decode(q2, k_cache, v_cache, cu_q, cu_k, None).view(t, h * d)
+
+    attention_flash_varlen.__doc__ = torch_ops.attention_flash_varlen.__doc__
+    return attention_flash_varlen
+
+
+def make_attention_sdpa(max_rows: int):
+    def attention_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_mask: Tensor) -> Tensor:
+        q2 = _attention_args(q, k_cache, v_cache, max_rows)
+        ok = (key_mask is not None and key_mask.dtype == torch.bool and key_mask.dim() == 1
+              and key_mask.shape[0] == k_cache.shape[0] and key_mask.is_contiguous() and key_mask.device == q.device)
+        if q2 is None or not ok:
+            return torch_ops.attention_sdpa(q, k_cache, v_cache, key_mask)
+        t, h, d = q.shape
+        return attention_decode(q2, k_cache, v_cache, None, None, key_mask).view(t, h * d)
+
+    attention_sdpa.__doc__ = torch_ops.attention_sdpa.__doc__
+    return attention_sdpa
+
+
+# ---------------------------------------------------------------------------------------------
+# Image preprocessing: every camera in one launch
+
+
+def images_to_model(images: list[Tensor | None], out: Tensor) -> None:
+    """images[i]: uint8 [H_i, W_i, 3] on the device, or None (slot i left as it is); out [C, 3, S, S]."""
+    ok = (out.dim() == 4 and out.shape[1] == 3 and out.shape[2] == out.shape[3] and out.is_cuda
+          and out.dtype in _CODES and out.is_contiguous() and len(images) <= out.shape[0])
+    cams, keep = [], []
+    size = out.shape[-1] if out.dim() == 4 else 0
+    for i, img in enumerate(images if ok else ()):
+        if img is None:
+            continue
+        if (img.dtype != torch.uint8 or img.dim() != 3 or img.shape[2] != 3 or img.device != out.device
+                or img.shape[0] == 0 or img.shape[1] == 0):
+            ok = False
+            break
+        if not img.is_contiguous():
+            img = img.contiguous()
+        keep.append(img)
+        h, w = img.shape[0], img.shape[1]
+        nh, nw, top, left = preprocess.resize_with_pad_geometry(h, w, size)
+        if nh < 1 or nw < 1:
+            ok = False
+            break
+        cams.append((img.data_ptr(), h, w, nh, nw, top, left, i))
+    if not ok:
+        return preprocess.images_to_model(images, out)
+    if cams:
+        _kernels.images_to_model(_CODES[out.dtype], cams, out.data_ptr(), size, _stream(out))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def native_ops(platform) -> dict:
+    """The ops with a native version, for `flashrt.ops.for_platform` (platform.native_kernels)."""
+    if _kernels is None:
+        raise RuntimeError("flashrt._kernels is not built; the platform must not ask for native kernels")
+    rows = getattr(platform, "native_attention_rows", 0)
+    ops = {
+        "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "ada_rms_norm": ada_rms_norm,
+        "add_ada_rms_norm": add_ada_rms_norm, "layer_norm": layer_norm, "add_layer_norm": add_layer_norm,
+        "gelu_tanh_mul": gelu_tanh_mul, "rope_qkv": rope_qkv, "linear_accumulate": linear_accumulate,
+        "images_to_model": images_to_model,
+    }
+    if rows > 0:
+        ops["attention_flash_varlen"] = make_attention_flash_varlen(rows)
+        ops["attention_sdpa"] = make_attention_sdpa(rows)
+    return ops

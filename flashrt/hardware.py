@@ -54,17 +54,24 @@ class Platform:
         return requested
 
 
-# (major, minor) -> (platform name, default precision). Quantized defaults (FP8 on Thor/RTX/Hopper,
-# INT8 on Orin, DESIGN.md) take over from bf16 once those paths exist; until then bf16 everywhere.
+# (major, minor) -> (platform name, default precision), as DESIGN.md sets them: INT8 W8A8 on Orin
+# (no FP8 tensor cores on sm_87), FP8 on Thor and RTX, bf16 on Hopper (FP8 there on request: measured
+# no faster at batch 1, see benchmarks/results/quant_*.json).
 _GPUS: dict[tuple[int, int], tuple[str, str]] = {
-    (8, 7): ("orin", "bf16"),
-    (8, 9): ("rtx-ada", "bf16"),
+    (8, 7): ("orin", "int8"),
+    (8, 9): ("rtx-ada", "fp8"),
     (9, 0): ("hopper", "bf16"),
-    (11, 0): ("thor", "bf16"),
-    (12, 0): ("rtx-blackwell", "bf16"),
-    (12, 1): ("rtx-blackwell", "bf16"),
+    (11, 0): ("thor", "fp8"),
+    (12, 0): ("rtx-blackwell", "fp8"),
+    (12, 1): ("rtx-blackwell", "fp8"),
 }
-_GPU_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _precisions(cap: tuple[int, int]) -> tuple[str, ...]:
+    """FP8 GEMMs (torch._scaled_mm) need sm_89+; INT8 ones (torch._int_mm) sm_80+."""
+    if cap < (8, 0):
+        return ("fp32", "fp16")
+    return ("fp32", "bf16", "fp16", "int8") + (("fp8",) if cap >= (8, 9) else ())
 
 
 # Split-K attention (flashrt._kernels) for few query rows against the one-head prefix cache: the
@@ -114,14 +121,15 @@ def probe(device: str | None = None) -> Platform:
     if device is None:
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        return Platform("cpu", "cpu", None, "cpu", "fp32", ("fp32", "bf16"), "sdpa", False, False)
+        # fp8/int8 run on the CPU too (slowly): their numerics are checkable without a GPU.
+        return Platform("cpu", "cpu", None, "cpu", "fp32", ("fp32", "bf16", "fp8", "int8"), "sdpa", False, False)
     if not torch.cuda.is_available():
         raise PlatformError(f"device {device!r} requested but no CUDA GPU is visible")
     dev = torch.device(device)
     idx = dev.index if dev.index is not None else 0
     cap = torch.cuda.get_device_capability(idx)
     name, precision = _GPUS.get(cap, ("cuda", "bf16" if cap >= (8, 0) else "fp16"))
-    precisions = _GPU_PRECISIONS if cap >= (8, 0) else ("fp32", "fp16")
+    precisions = _precisions(cap)
     native = _kernels_built_for(cap)
     return Platform(
         name=name,

@@ -69,6 +69,9 @@ def run(mode: str, policies: dict, obs: dict, seconds: float) -> dict:
         s.publish(name, obs[name])
 
     def best_effort(task=None, err=None):
+        if err is not None:
+            task.payload.cancel()
+            return
         if task is not None:
             task.payload.result()
             be_done.append(task.finished)
@@ -84,6 +87,7 @@ def run(mode: str, policies: dict, obs: dict, seconds: float) -> dict:
     time.sleep(seconds)
     stop.set()
     th.join()
+    s.cancel_pending()  # jobs staged but not launched must not leak into the next run
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0

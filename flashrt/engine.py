@@ -69,9 +69,14 @@ class Engine:
                 seg.fn()
 
     def capture(self) -> None:
-        """Capture every segment of every bucket as a CUDA graph (no-op on the CPU or when disabled)."""
-        if not self.cuda_graphs or self.graphed:
-            return
+        """Capture every segment of every bucket as a CUDA graph (when enabled, on a GPU), then measure
+        every segment's duration: what a scheduler needs to know."""
+        if self.cuda_graphs and not self.graphed:
+            self._capture()
+        for b in self.buckets:
+            self.time_segments(b, repeats=3 if self.graphed else 1)
+
+    def _capture(self) -> None:
         t0 = time.perf_counter()
         # Warm up on a side stream first: cuBLAS/cuDNN handles and workspaces are created outside capture.
         side = torch.cuda.Stream(self.device)
@@ -95,8 +100,6 @@ class Engine:
                 captured.add(id(seg))
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
-        for b in self.buckets:  # what a scheduler needs to know: how long each segment takes
-            self.time_segments(b, repeats=3)
 
     def time_segments(self, bucket: int, repeats: int = 5) -> dict[str, float]:
         """Median duration (ms) of each segment of a bucket, measured with CUDA events (wall on CPU)."""

@@ -13,7 +13,12 @@ when the work that would run before it plus its own cannot finish by its deadlin
 the segments' measured times), instead of making every request late.
 
 Periodic models release a task every period on the newest observation published to them; a release
-that finds the previous one still running is skipped and counted as a miss.
+that finds the previous one still running, or that yields no task (`make_task` returned None: say, the
+observation was invalid), is skipped and counted as a miss.
+
+Threads: `submit`, `publish`, `add_periodic`, `remove_periodic` and `call_soon` may be called from any
+thread and wake the scheduler thread at once (it sleeps on an event, not a poll); everything else,
+including `on_done` and `make_task`, runs on the scheduler thread, so those callbacks must be short.
 
 `mode="fifo"` is the baseline this is measured against: whole inferences in arrival order.
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -32,12 +38,21 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 INF = float("inf")
+WINDOW = 10_000  # latency samples kept per model: percentiles are over the most recent ones
+
+log = logging.getLogger("flashrt.runtime")
 
 
 class Rejected(Exception):
     """Admission control: the request cannot meet its deadline."""
 
     code = "deadline"
+
+
+class Cancelled(Exception):
+    """The scheduler stopped before the task ran to completion."""
+
+    code = "unavailable"
 
 
 class Device(Protocol):
@@ -88,18 +103,27 @@ class ModelTally:
     rejected: int = 0
     skipped: int = 0
     errors: int = 0
-    latencies: list = field(default_factory=list)  # release -> finish
-    tardiness: list = field(default_factory=list)  # max(0, finish - deadline) of deadline tasks
+    latencies: list = field(default_factory=list)  # release -> finish, the last `window`
+    tardiness: list = field(default_factory=list)  # max(0, finish - deadline) of deadline tasks, the last `window`
+    window: int = WINDOW
+
+    def add(self, samples: list, value: float) -> None:
+        """Append, keeping about the last `window` samples (trimmed in halves: amortized O(1), and a
+        server that runs for weeks does not grow)."""
+        samples.append(value)
+        if len(samples) > 2 * self.window:
+            del samples[: len(samples) - self.window]
 
     def as_dict(self) -> dict:
         import numpy as np
 
-        lat = np.asarray(self.latencies) * 1e3
-        tard = np.asarray(self.tardiness) * 1e3
+        lat = np.asarray(list(self.latencies)) * 1e3  # list(): a snapshot, the scheduler thread may append
+        tard = np.asarray(list(self.tardiness)) * 1e3
         pct = (lambda a, q: float(np.percentile(a, q)) if len(a) else None)
         return {"completed": self.completed, "misses": self.misses, "rejected": self.rejected,
-                "skipped": self.skipped, "errors": self.errors, "latency_ms": {"p50": pct(lat, 50), "p99": pct(lat, 99),
-                                                        "max": float(lat.max()) if len(lat) else None},
+                "skipped": self.skipped, "errors": self.errors,
+                "latency_ms": {"p50": pct(lat, 50), "p95": pct(lat, 95), "p99": pct(lat, 99),
+                               "max": float(lat.max()) if len(lat) else None, "n": len(lat)},
                 "tardiness_ms": {"mean": float(tard.mean()) if len(tard) else 0.0,
                                  "max": float(tard.max()) if len(tard) else 0.0}}
 
@@ -112,20 +136,23 @@ class Periodic:
     next_release: float
     latest: Any = None  # newest published observation
     running: Task | None = None
+    origin: float = 0.0  # release k happens at origin + k * period
 
 
 class Scheduler:
-    def __init__(self, device: Device, depth: int = 2, mode: str = "edf"):
+    def __init__(self, device: Device, depth: int = 2, mode: str = "edf", window: int = WINDOW):
         if mode not in ("edf", "fifo"):
             raise ValueError(f"unknown scheduling mode {mode!r}")
-        self.device, self.depth, self.mode = device, depth, mode
+        self.device, self.depth, self.mode, self.window = device, depth, mode, window
         self.ready: list[tuple] = []  # heap of (key, task)
         self.inflight: deque = deque()  # (token, task, last segment of the task?)
         self.tally: dict[str, ModelTally] = {}
         self.periodic: dict[str, Periodic] = {}
         self._seq = itertools.count()
         self._inbox: deque = deque()  # tasks submitted from other threads
+        self._calls: deque = deque()  # functions to run on the scheduler thread (call_soon)
         self._lock = threading.Lock()
+        self._wake = threading.Event()  # set by every hand-over, so an idle scheduler reacts at once
         self.trace: list | None = None  # [model, segment, launch time, completion seen] when set to a list
 
     # -- submission (any thread) ---------------------------------------------------------------
@@ -134,15 +161,53 @@ class Scheduler:
         """Queue a task; the scheduler thread admits (or rejects) it at its next decision."""
         with self._lock:
             self._inbox.append(task)
+        self._wake.set()
 
     def add_periodic(self, model: str, period_s: float, make_task: Callable[[Any, float], Task | None]) -> None:
+        """Release `make_task(newest observation, release time)` every period. Replacing a model's
+        entry with the same period (a model swap) keeps its phase and its newest observation, so the
+        stream's release times do not move and a control loop sees no gap."""
         with self._lock:
-            self.periodic[model] = Periodic(model, period_s, make_task, next_release=self.device.now() + period_s)
+            old = self.periodic.get(model)
+            if old is not None and old.period == period_s:
+                self.periodic[model] = Periodic(model, period_s, make_task, next_release=old.next_release,
+                                                latest=old.latest, origin=old.origin)
+            else:
+                now = self.device.now()
+                self.periodic[model] = Periodic(model, period_s, make_task, next_release=now + period_s, origin=now)
+        self._wake.set()
+
+    def remove_periodic(self, model: str) -> None:
+        """No more releases for `model` (a task already released still runs to completion)."""
+        with self._lock:
+            self.periodic.pop(model, None)
 
     def publish(self, model: str, observation: Any) -> None:
         """The newest observation for a periodic model (only the newest is kept)."""
         with self._lock:
             self.periodic[model].latest = observation
+
+    def release_index(self, model: str, release: float) -> int:
+        """k for the release at origin + k * period: consecutive releases differ by one, so a gap says
+        how many were skipped or refused."""
+        p = self.periodic.get(model)
+        return -1 if p is None else round((release - p.origin) / p.period)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the scheduler thread before its next decision (e.g. a periodic model's reset,
+        which must not race with the launches that read its state)."""
+        with self._lock:
+            self._calls.append(fn)
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def tally_for(self, model: str) -> ModelTally:
+        tally = self.tally.get(model)
+        if tally is None:
+            tally = self.tally[model] = ModelTally(window=self.window)
+        return tally
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -154,7 +219,7 @@ class Scheduler:
         return now + (ahead + on_gpu + task.remaining_ms) / 1e3
 
     def _admit(self, task: Task, now: float) -> None:
-        tally = self.tally.setdefault(task.model, ModelTally())
+        tally = self.tally_for(task.model)
         task.seq = next(self._seq)
         if self.mode == "edf" and task.deadline < INF:
             eta = self.estimate_finish(task, now)
@@ -170,23 +235,42 @@ class Scheduler:
         key = (0, 0, task.seq) if self.mode == "fifo" else task.key()
         heapq.heappush(self.ready, (key, task))
 
-    def _release_periodic(self, now: float) -> None:
+    def _due_releases(self, now: float) -> list:
+        """(periodic entry, observation, release time) of every release due now (under the lock)."""
+        due = []
         for p in self.periodic.values():
             while p.next_release <= now:
                 release = p.next_release
                 p.next_release += p.period
                 if p.latest is None:
                     continue
-                tally = self.tally.setdefault(p.model, ModelTally())
                 if p.running is not None and p.running.finished is None:
+                    tally = self.tally_for(p.model)
                     tally.skipped += 1
                     tally.misses += 1
                     continue
-                task = p.make_task(p.latest, release)
-                if task is not None:
-                    task.release = release
-                    p.running = task
-                    self._admit(task, now)
+                due.append((p, p.latest, release))
+                p.running = _PENDING  # a later release in this loop sees it running
+        return due
+
+    def _release(self, due: list, now: float) -> None:
+        """Make and admit the due tasks, outside the lock: make_task may take a while (it stages
+        the observation) and other threads must not wait for it."""
+        for p, latest, release in due:
+            try:
+                task = p.make_task(latest, release)
+            except Exception:  # a broken make_task skips its release, never stops the scheduler
+                log.exception("periodic release of %r failed", p.model)
+                task = None
+            if task is None:
+                p.running = None
+                tally = self.tally_for(p.model)
+                tally.skipped += 1
+                tally.misses += 1
+                continue
+            task.release = release
+            p.running = task
+            self._admit(task, now)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -200,12 +284,12 @@ class Scheduler:
             entry[3] = self.device.now()
         if i == len(task.segments) - 1:
             task.finished = self.device.now()
-            tally = self.tally.setdefault(task.model, ModelTally())
+            tally = self.tally_for(task.model)
             tally.completed += 1
-            tally.latencies.append(task.finished - task.release)
+            tally.add(tally.latencies, task.finished - task.release)
             if task.deadline < INF:
                 late = task.finished - task.deadline
-                tally.tardiness.append(max(0.0, late))
+                tally.add(tally.tardiness, max(0.0, late))
                 tally.misses += late > 0
             if task.on_done is not None:
                 task.on_done(task, None)
@@ -223,7 +307,7 @@ class Scheduler:
         except Exception as e:  # a failed launch fails its task, never the scheduler
             task.next = len(task.segments)
             task.finished = self.device.now()
-            self.tally.setdefault(task.model, ModelTally()).errors += 1
+            self.tally_for(task.model).errors += 1
             if task.on_done is not None:
                 task.on_done(task, e)
             return
@@ -235,7 +319,14 @@ class Scheduler:
         now = self.device.now()
         with self._lock:
             inbox, self._inbox = self._inbox, deque()
-            self._release_periodic(now)
+            calls, self._calls = self._calls, deque()
+            due = self._due_releases(now)
+        for fn in calls:
+            try:
+                fn()
+            except Exception:
+                log.exception("a call handed to the scheduler failed")
+        self._release(due, now)
         for task in inbox:
             self._admit(task, now)
         self._reap()
@@ -256,15 +347,38 @@ class Scheduler:
             return True
         return False
 
+    def cancel_pending(self, reason: str = "the scheduler stopped") -> int:
+        """Fail every task not fully launched (call once the scheduler thread has stopped): their
+        owners get on_done(task, Cancelled) and can release what they hold. Returns how many."""
+        with self._lock:
+            pending = list(self._inbox) + [t for _, t in self.ready]
+            self._inbox.clear()
+            self.ready.clear()
+        for task in pending:
+            task.finished = self.device.now()
+            if task.on_done is not None:
+                task.on_done(task, Cancelled(reason))
+        return len(pending)
+
     def next_wakeup(self) -> float:
         with self._lock:
             return min((p.next_release for p in self.periodic.values()), default=INF)
 
-    def run(self, stop: threading.Event, poll_s: float = 0.002) -> None:
-        """The scheduler thread: decide, launch, wait; when idle, sleep until a release or `poll_s`."""
+    def run(self, stop: threading.Event, poll_s: float = 0.05) -> None:
+        """The scheduler thread: decide, launch, wait; when idle, sleep until the next release or a
+        hand-over from another thread wakes it (`poll_s` only bounds the sleep)."""
         while not stop.is_set():
-            if not self.step():
-                self.device.idle(max(0.0, min(poll_s, self.next_wakeup() - self.device.now())))
+            self._wake.clear()  # before looking for work: a hand-over from now on ends the sleep below
+            try:
+                busy = self.step()
+            except Exception:  # a bug in a callback must not stop every model's GPU work
+                log.exception("scheduler step failed")
+                busy = False
+            if not busy:
+                self._wake.wait(max(0.0, min(poll_s, self.next_wakeup() - self.device.now())))
+
+
+_PENDING = Task("", [], INF)  # marks a periodic release being made (not finished)
 
 
 # ---------------------------------------------------------------------------------------------

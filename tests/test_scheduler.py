@@ -183,3 +183,16 @@ def test_mixed_load_keeps_the_realtime_model_on_time():
     assert results["fifo"][0] > 0 and results["edf"][0] == 0
     assert results["edf"][2] <= 1.5 * 18.0  # within 1.5x of its 18 ms solo time
     assert results["edf"][1] >= 0.7 * results["fifo"][1]
+
+
+def test_cancel_pending_fails_what_did_not_run():
+    dev = SimDevice()
+    s = Scheduler(dev)
+    seen = []
+    a = task("a", 3, 1.0, done=lambda t, e: seen.append((t.model, type(e).__name__ if e else None)))
+    b = task("b", 3, 1.0, done=lambda t, e: seen.append((t.model, type(e).__name__ if e else None)))
+    s.submit(a)
+    s.submit(b)
+    s.step()  # admits both, launches a's first segment
+    assert s.cancel_pending() == 2 and sorted(seen) == [("a", "Cancelled"), ("b", "Cancelled")]
+    assert not s.ready and s.step() is True  # the launched segment still completes

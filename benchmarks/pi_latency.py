@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also LeRobot torch.compile (minutes)")
     ap.add_argument("--no-lerobot", action="store_true")
     ap.add_argument("--cases", default=",".join(f"{k}:{c}" for k, c in CASES))
+    ap.add_argument("--name", default="pi_latency", help="results file name (results/<name>_<gpu>.json)")
     args = ap.parse_args()
     res = {"machine": machine(), "ceilings": ceilings(), "settings": {"steps": 10, "chunk": 50, "dtype": "bf16"},
            "cases": {}}
@@ -109,7 +110,7 @@ def main() -> None:
                 import traceback
                 entry[label] = {"error": traceback.format_exc()[-3000:]}
             print(key, label, json.dumps(entry[label])[:600], flush=True)
-            save("pi_latency", res)
+            save(args.name, res)
     # A short table last.
     for key, e in res["cases"].items():
         f = e.get("flashrt", {}).get("tokens_48", {})

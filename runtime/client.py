@@ -7,6 +7,14 @@ Every call has a timeout. On a timeout the client follows ZeroMQ's Lazy Pirate p
 socket (LINGER=0, so nothing lingers), reconnect and resend, up to `retries` times, then raise
 TimeoutError. A resent `infer` may run twice on the server; that is harmless, it has no side effects.
 Large arrays travel as extra ZeroMQ frames, which the server reads in place, without a copy.
+
+A periodic model (schedule.trigger: periodic) is not called: the robot publishes observations and
+subscribes to the action chunks the server publishes every period.
+
+    pub = ObservationPublisher("tcp://robot-server:5557")
+    sub = ActionSubscriber("tcp://robot-server:5556", "pi05_rt")
+    pub.publish("pi05_rt", observation)        # as often as the cameras run; the server keeps the newest
+    chunk = sub.latest()                        # {model, actions, seq, release_ms, latency_ms}
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ from typing import Any
 import zmq
 
 from .protocol import OPENPI, decode, encode
+
+DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"  # the server's PUB socket (server.publish_bind): action chunks
+DEFAULT_OBSERVE = "tcp://127.0.0.1:5557"  # the server's SUB socket (server.observe_bind): observations
 
 
 class ServerError(Exception):
@@ -150,3 +161,118 @@ class PolicyClient:
 
     def unload(self, name: str, **kw: Any) -> dict:
         return self.call("unload", model=name, retries=0, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Periodic models: observations out, action chunks in (docs/protocol.md, "Periodic streams")
+
+
+def _socket(kind: int, endpoint: str, context: zmq.Context | None, server_key: str | None,
+            client_cert: str | None) -> zmq.Socket:
+    sock = (context or zmq.Context.instance()).socket(kind)
+    sock.linger = 0
+    if server_key:
+        from .security import client_curve
+
+        client_curve(sock, server_key, client_cert)
+    return sock
+
+
+class ObservationPublisher:
+    """Publishes observations to the server's SUB socket; the server keeps only each model's newest.
+
+    A PUB socket drops what it cannot send instead of blocking: with no server connected (or for the
+    first few milliseconds after connecting, ZeroMQ's slow joiner) observations are lost, which is
+    what a control loop wants; it publishes again at its next frame."""
+
+    def __init__(self, endpoint: str = DEFAULT_OBSERVE, encoding: str = OPENPI, frames: bool = True,
+                 server_key: str | None = None, client_cert: str | None = None, context: zmq.Context | None = None):
+        self.encoding = encoding
+        self.frames = frames and encoding == OPENPI
+        self._socket = _socket(zmq.PUB, endpoint, context, server_key, client_cert)
+        # At most a few wait for a slow link; newer ones are dropped until it drains, so what reaches
+        # the server is never more than a few frames old (a long queue would deliver ever staler ones).
+        self._socket.sndhwm = 4
+        self._socket.connect(endpoint)
+
+    def publish(self, model: str, observation: dict) -> None:
+        """observation: {images: {camera: uint8 [H, W, 3]}, state, prompt?}, as for `infer`."""
+        arrays: list | None = [] if self.frames else None
+        body = encode(observation, self.encoding, arrays)
+        self._socket.send_multipart([model.encode(), body, *(arrays or ())])  # a plain copy, as PolicyClient.call
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> "ObservationPublisher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ActionSubscriber:
+    """Receives the action chunks of periodic models from the server's PUB socket.
+
+    Each message is `{model, actions, seq, release_ms, latency_ms}`: `seq` numbers the model's
+    releases (a gap means releases were skipped or refused), `release_ms` is the release time (unix
+    milliseconds), `latency_ms` release to result. A release that produced no actions (its
+    observation did not fit the model, or it was refused by admission control) arrives as an error,
+    raised as ServerError."""
+
+    def __init__(self, endpoint: str = DEFAULT_PUBLISH, models: str | list[str] | None = None,
+                 timeout_ms: int = 1000, server_key: str | None = None, client_cert: str | None = None,
+                 context: zmq.Context | None = None):
+        """`models`: the model name(s) to receive (None: all)."""
+        self.timeout_ms = timeout_ms
+        self.models = None if models is None else {models} if isinstance(models, str) else set(models)
+        self._socket = _socket(zmq.SUB, endpoint, context, server_key, client_cert)
+        for topic in self.models or [""]:
+            self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._socket.connect(endpoint)
+
+    def _next(self, timeout_ms: int) -> dict | None:
+        """The next message of a wanted model, or None when none arrives in time."""
+        while self._socket.poll(timeout_ms):
+            frames = self._socket.recv_multipart()
+            model = frames[0].decode("utf-8", "replace")
+            if self.models is not None and model not in self.models:  # topics match by prefix: "cam" gets "cam2"
+                continue
+            msg, _ = decode(frames[1])
+            msg["model"] = model
+            return msg
+        return None
+
+    @staticmethod
+    def _unwrap(msg: dict) -> dict:
+        if "error" in msg:
+            err = msg["error"]
+            raise ServerError(err.get("code", "error"), f"{msg['model']} release {msg.get('seq')}: "
+                                                        f"{err.get('message', '(no message)')}")
+        return msg
+
+    def recv(self, timeout_ms: int | None = None) -> dict:
+        """The next action chunk, in order. TimeoutError when none arrives within the timeout."""
+        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        msg = self._next(timeout)
+        if msg is None:
+            raise TimeoutError(f"no action chunk within {timeout} ms")
+        return self._unwrap(msg)
+
+    def latest(self, timeout_ms: int | None = None) -> dict:
+        """The newest action chunk queued (older ones are dropped); waits for one if none is."""
+        msg = self._next(self.timeout_ms if timeout_ms is None else timeout_ms)
+        if msg is None:
+            raise TimeoutError(f"no action chunk within {self.timeout_ms if timeout_ms is None else timeout_ms} ms")
+        while (newer := self._next(0)) is not None:
+            msg = newer
+        return self._unwrap(msg)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> "ActionSubscriber":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -2,21 +2,27 @@
 
 Parsed with flashrt's typed loader (`flashrt.config.parse`), so unknown keys are refused and every
 error names the file and the key. A served model is the engine's `ModelConfig` plus runtime-only
-keys (here: how Isaac-GR00T clients' keys map onto the model); the engine gets only its own schema.
+keys (how the scheduler treats it; how Isaac-GR00T clients' keys map onto it); the engine gets only
+its own schema.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flashrt.config import ModelConfig, check, parse, read_yaml
 from flashrt.errors import ConfigError
 
 DEFAULT_BIND = "tcp://0.0.0.0:5555"  # LAN-reachable: a robot on the network can connect
+# Periodic models' streams: action chunks out (PUB), observations in (SUB). Bound only once a periodic
+# model is served, so a deployment without one opens no extra ports.
+DEFAULT_PUBLISH_BIND = "tcp://0.0.0.0:5556"
+DEFAULT_OBSERVE_BIND = "tcp://0.0.0.0:5557"
+ENDPOINT_PREFIXES = ("tcp://", "ipc://", "inproc://")
 
 
 @dataclass
@@ -41,6 +47,11 @@ class ServerConfig:
     admin_token: str | None = None  # needed by `load` / `unload`; null disables them. Env FLASHRT_ADMIN_TOKEN overrides
     curve: CurveConfig | None = None
     stats_window: int = 10_000  # latency percentiles are over this many most recent requests per model
+    publish_bind: str = DEFAULT_PUBLISH_BIND  # PUB: periodic models' action chunks, topic = model name
+    observe_bind: str = DEFAULT_OBSERVE_BIND  # SUB: observations for periodic models, topic = model name
+    # Segments launched on the GPU ahead of completion. 2 keeps the GPU fed while the scheduler
+    # decides; more adds to how long an urgent request waits behind work already launched.
+    scheduler_depth: int = 2
 
     @property
     def binds(self) -> list[str]:
@@ -49,8 +60,16 @@ class ServerConfig:
     def validate(self, where: str) -> None:
         check(len(self.binds) >= 1, f"{where}.bind", "at least one endpoint", self.bind)
         for b in self.binds:
-            check(b.startswith(("tcp://", "ipc://", "inproc://")), f"{where}.bind",
+            check(b.startswith(ENDPOINT_PREFIXES), f"{where}.bind",
                   "endpoints like tcp://0.0.0.0:5555 or ipc:///tmp/flashrt.sock", b)
+        for key, example in (("publish_bind", DEFAULT_PUBLISH_BIND), ("observe_bind", DEFAULT_OBSERVE_BIND)):
+            value = getattr(self, key)
+            check(value.startswith(ENDPOINT_PREFIXES), f"{where}.{key}", f"an endpoint like {example}", value)
+            check(value not in self.binds or value.endswith(":*"), f"{where}.{key}",  # `*`: any free port
+                  "an endpoint other than server.bind's", value)
+        check(self.publish_bind != self.observe_bind or self.observe_bind.endswith(":*"), f"{where}.observe_bind",
+              "an endpoint other than publish_bind", self.observe_bind)
+        check(1 <= self.scheduler_depth <= 8, f"{where}.scheduler_depth", "an int in 1..8", self.scheduler_depth)
         check(1 << 10 <= self.max_message_bytes <= 1 << 31, f"{where}.max_message_bytes",
               "a size in bytes between 1 KiB and 2 GiB", self.max_message_bytes)
         check(self.max_queue >= 1, f"{where}.max_queue", "an int >= 1", self.max_queue)
@@ -82,9 +101,55 @@ class GrootMapping:
 
 
 @dataclass
+class ScheduleConfig:
+    """How the scheduler treats a model's inferences (docs/protocol.md, Scheduling).
+
+    Between segments, the GPU goes to the most urgent ready inference of all models: higher
+    `priority` first, then the earliest deadline, then arrival. A request (or periodic release) with
+    a deadline that cannot be met, given the work ahead of it, is refused with a `deadline` error.
+
+    trigger: `request` (infer calls) or `periodic` (every `period_ms` on the newest observation
+      published to the model; its actions are published; infer calls are refused).
+    deadline_ms: relative deadline of each request, from its arrival (or each release); null: best
+      effort, never refused.
+    realtime: run on the high-priority CUDA stream; default: true when a deadline is set.
+    """
+
+    trigger: Literal["request", "periodic"] = "request"
+    priority: int = 0
+    deadline_ms: float | None = None
+    period_ms: float | None = None
+    realtime: bool | None = None
+
+    @property
+    def is_realtime(self) -> bool:
+        return self.deadline_ms is not None if self.realtime is None else self.realtime
+
+    @property
+    def periodic(self) -> bool:
+        return self.trigger == "periodic"
+
+    def describe(self) -> dict:
+        """For `metadata` and `models`: the settings in effect."""
+        return {"trigger": self.trigger, "priority": self.priority, "deadline_ms": self.deadline_ms,
+                "period_ms": self.period_ms, "realtime": self.is_realtime}
+
+    def validate(self, where: str) -> None:
+        check(-1000 <= self.priority <= 1000, f"{where}.priority", "an int in -1000..1000", self.priority)
+        check(self.deadline_ms is None or 0 < self.deadline_ms <= 3_600_000, f"{where}.deadline_ms",
+              "milliseconds > 0 (up to an hour), or null for best effort", self.deadline_ms)
+        if self.periodic:
+            check(self.period_ms is not None and 1 <= self.period_ms <= 3_600_000, f"{where}.period_ms",
+                  "milliseconds >= 1 (required with trigger: periodic)", self.period_ms)
+        else:
+            check(self.period_ms is None, f"{where}.period_ms", "no period unless trigger is periodic", self.period_ms)
+
+
+@dataclass
 class ServedModelConfig(ModelConfig):
     """A `models:` entry: the engine's model schema plus runtime-only keys."""
 
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # none given: best effort, on request
     groot: GrootMapping | None = None
 
     def validate(self, where: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 from .config import ServedModelConfig
 from .observation import synthetic_observation
 
-Loader = Callable[[ServedModelConfig], Any]  # config -> policy (spec, infer, reset)
+Loader = Callable[[ServedModelConfig], Any]  # config -> policy (spec, infer, reset; prepare -> Job to be interleaved)
 
 
 def flashrt_loader(config: ServedModelConfig) -> Any:
@@ -31,13 +31,20 @@ class LoadedModel:
     generation: int = 0  # set by the server: +1 for every successful load, so a swap is visible to clients
 
 
+# Warm-up inferences at load. Two: flashrt stages inputs in two alternating pinned slots that
+# allocate their buffers on first use, and a pinned allocation while serving is slow and holds up
+# the other threads' CUDA calls (the scheduler's launches among them).
+WARMUP_CALLS = 2
+
+
 def load_model(config: ServedModelConfig, loader: Loader) -> LoadedModel:
-    """Load, capture and run one warm-up inference; raises (FlashRTError etc.) if any step fails."""
+    """Load, capture and run the warm-up inferences; raises (FlashRTError etc.) if any step fails."""
     t0 = time.perf_counter()
     policy = loader(config)
     spec = policy.spec.to_dict()
-    # The first call pays one-time costs (allocation, lazy init); pay them here, not on a robot's request.
-    actions = np.asarray(policy.infer(synthetic_observation(spec))["actions"])
+    # The first calls pay one-time costs (allocation, lazy init); pay them here, not on a robot's request.
+    for _ in range(WARMUP_CALLS):
+        actions = np.asarray(policy.infer(synthetic_observation(spec))["actions"])
     expected = (spec["action_horizon"], spec["action_dim"])
     if actions.shape != expected:
         raise RuntimeError(f"model {config.name!r}: warm-up returned actions of shape {list(actions.shape)}, "

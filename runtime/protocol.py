@@ -33,6 +33,7 @@ UNKNOWN_ENDPOINT = "unknown_endpoint"
 UNKNOWN_MODEL = "unknown_model"
 UNAUTHORIZED = "unauthorized"  # admin endpoint without the right token
 BUSY = "busy"  # the model's queue is full
+DEADLINE = "deadline"  # admission control: the request cannot finish by its model's deadline (schedule.deadline_ms)
 UNAVAILABLE = "unavailable"  # the server is shutting down, or the model was unloaded meanwhile
 INTERNAL = "internal"  # an unexpected failure inside the model (the server keeps serving)
 # Engine failures keep the engine's own codes: bad_config, bad_checkpoint, unsupported, bad_input.

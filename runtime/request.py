@@ -8,7 +8,8 @@ from typing import Any
 
 from flashrt.errors import FlashRTError
 
-from .protocol import INTERNAL, OPENPI, ProtocolError, encode
+from .protocol import DEADLINE, INTERNAL, OPENPI, UNAVAILABLE, ProtocolError, encode
+from .scheduler import Cancelled, Rejected
 
 log = logging.getLogger("flashrt.runtime")
 
@@ -42,11 +43,17 @@ class Request:
         return self.route + [encode(body)]
 
 
-def error_of(e: BaseException) -> tuple[str, str]:
-    """(code, message) for an exception raised while serving: expected failures keep their code."""
+def error_of(e: BaseException, quiet: bool = False) -> tuple[str, str]:
+    """(code, message) for an exception raised while serving: expected failures keep their code.
+    An unexpected one is logged with its traceback, unless `quiet` (the caller rate-limits its logs)."""
     if isinstance(e, ProtocolError):
         return e.code, e.message
     if isinstance(e, FlashRTError):
         return e.code, str(e)
-    log.error("unexpected failure", exc_info=e)
+    if isinstance(e, Rejected):  # admission control, with the scheduler's estimate in the message
+        return DEADLINE, str(e)
+    if isinstance(e, Cancelled):
+        return UNAVAILABLE, str(e)
+    if not quiet:
+        log.error("unexpected failure", exc_info=e)
     return INTERNAL, f"{type(e).__name__}: {e}"

@@ -14,7 +14,8 @@ the segments' measured times), instead of making every request late.
 
 Periodic models release a task every period on the newest observation published to them; a release
 that finds the previous one still running, or that yields no task (`make_task` returned None: say, the
-observation was invalid), is skipped and counted as a miss.
+observation was invalid), is skipped and counted as a miss; so are releases the scheduler thread was
+held up past (of several due at once, only the newest runs: it is the only one that can be on time).
 
 Threads: `submit`, `publish`, `add_periodic`, `remove_periodic` and `call_soon` may be called from any
 thread and wake the scheduler thread at once (it sleeps on an event, not a poll); everything else,
@@ -239,18 +240,24 @@ class Scheduler:
         """(periodic entry, observation, release time) of every release due now (under the lock)."""
         due = []
         for p in self.periodic.values():
+            overdue = []
             while p.next_release <= now:
-                release = p.next_release
+                overdue.append(p.next_release)
                 p.next_release += p.period
-                if p.latest is None:
-                    continue
-                if p.running is not None and p.running.finished is None:
-                    tally = self.tally_for(p.model)
-                    tally.skipped += 1
-                    tally.misses += 1
-                    continue
-                due.append((p, p.latest, release))
-                p.running = _PENDING  # a later release in this loop sees it running
+            if not overdue or p.latest is None:
+                continue
+            # Late by more than a period (the thread was held up): only the newest release can still be
+            # on time; the older ones are skipped, as is a release whose predecessor is still running.
+            skipped = len(overdue) - 1
+            if p.running is not None and p.running.finished is None:
+                skipped += 1
+            else:
+                due.append((p, p.latest, overdue[-1]))
+                p.running = _PENDING  # being made; a release before it is done sees it running
+            if skipped:
+                tally = self.tally_for(p.model)
+                tally.skipped += skipped
+                tally.misses += skipped
         return due
 
     def _release(self, due: list, now: float) -> None:

@@ -29,7 +29,7 @@ def _need_curve() -> None:
 def server_curve(ctx: zmq.Context, sock: zmq.Socket, secret_key: str, clients: str | None):
     """Make `sock` a CURVE server (before it binds). Returns the authenticator to stop later, if any."""
     _need_curve()
-    public, secret = _load(secret_key, True, "server.curve.secret_key")
+    _load(secret_key, True, "server.curve.secret_key")  # a missing or public-only file fails before anything starts
     authenticator = None
     if clients is not None:
         if not os.path.isdir(clients):
@@ -39,10 +39,17 @@ def server_curve(ctx: zmq.Context, sock: zmq.Socket, secret_key: str, clients: s
         authenticator = ThreadAuthenticator(ctx)
         authenticator.start()
         authenticator.configure_curve(domain="*", location=clients)  # only these public keys connect
+    curve_server_keys(sock, secret_key)
+    return authenticator
+
+
+def curve_server_keys(sock: zmq.Socket, secret_key: str) -> None:
+    """The server's keys on one more socket (the periodic streams'); the authenticator started by
+    `server_curve` checks its clients too (it serves the whole context)."""
+    public, secret = _load(secret_key, True, "server.curve.secret_key")
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
-    return authenticator
 
 
 def client_curve(sock: zmq.Socket, server_key: str, client_cert: str | None) -> None:

@@ -1,8 +1,12 @@
-"""The policy server: one ZeroMQ ROUTER socket, one I/O thread, one worker thread per loaded model.
+"""The policy server: a ZeroMQ ROUTER socket, one I/O thread, one scheduler thread that owns the GPU,
+and one worker thread per loaded model.
 
 The I/O thread owns the sockets and the table of served models. It decodes each request, answers
-the cheap endpoints itself, validates observations and hands inference to the model's executor;
-workers send their encoded replies back through an inproc socket that the I/O thread forwards.
+the cheap endpoints itself, validates observations and hands inference to the model's executor. The
+executor stages the inputs on its worker thread and submits the GPU work to the scheduler, which
+interleaves all models' segments by priority and deadline (runtime/scheduler.py); the worker sends
+the encoded reply back through an inproc socket that the I/O thread forwards. Periodic models get
+their observations from a SUB socket and publish their actions on a PUB socket (runtime/streams.py).
 Loading runs on a background thread and hands the warm model to the I/O thread to install, so a
 swap never blocks serving and never drops a request. Any failure becomes an error reply.
 """
@@ -23,14 +27,16 @@ from typing import Any, Callable
 import zmq
 
 from .config import DeploymentConfig, ServedModelConfig, load_deployment, parse_model
-from .executor import ModelExecutor
-from .models import Loader, flashrt_loader, load_model
+from .executor import RESET, Infer, ModelExecutor, Observed, QuietLog
+from .models import LoadedModel, Loader, flashrt_loader, load_model
 from .observation import describe_io, groot_observation, groot_reply, observation
-from .protocol import (BAD_INPUT, BUSY, INTERNAL, OPENPI, TOO_LARGE, UNAUTHORIZED, UNAVAILABLE, UNKNOWN_ENDPOINT,
-                       UNKNOWN_MODEL, VERSION, ProtocolError, decode, parse_envelope)
+from .protocol import (BAD_INPUT, BAD_REQUEST, BUSY, OPENPI, TOO_LARGE, UNAUTHORIZED, UNAVAILABLE,
+                       UNKNOWN_ENDPOINT, UNKNOWN_MODEL, VERSION, ProtocolError, decode, parse_envelope)
 from .request import Request, error_of
+from .scheduler import CudaDevice, ModelTally, Scheduler, SyncDevice
 from .security import server_curve
 from .stats import ModelStats
+from .streams import Streams
 
 log = logging.getLogger("flashrt.runtime")
 
@@ -45,17 +51,18 @@ def _split_route(frames: list) -> tuple[list[bytes], Any, list]:
     return [f.bytes for f in frames[:n]], frames[n], frames[n + 1:]
 
 
-def _infer(obs: dict, policy: Any) -> dict:
-    return policy.infer(obs)
+def _groot_reply(mapping: Any, result: dict) -> list:
+    return groot_reply(result["actions"], mapping)
 
 
-def _infer_groot(obs: dict, mapping: Any, policy: Any) -> list:
-    return groot_reply(policy.infer(obs)["actions"], mapping)
+def _device_for(models: list[LoadedModel]) -> Any:
+    """CUDA streams and events when a model runs on a GPU, else segments run as they are launched."""
+    for m in models:
+        if str(m.spec.get("device", "cpu")).startswith("cuda"):
+            import torch
 
-
-def _reset(policy: Any) -> dict:
-    policy.reset()
-    return {}
+            return CudaDevice(torch.device(m.spec["device"]))
+    return SyncDevice()
 
 
 class Server:
@@ -65,6 +72,7 @@ class Server:
         self._admin_token = admin_token or config.server.admin_token
         self._ctx = zmq.Context()
         self._reply_address = f"inproc://flashrt-replies-{id(self)}"
+        self._publish_address = f"inproc://flashrt-publications-{id(self)}"  # periodic results, to the PUB socket
         # Owned by the I/O thread once serving; other threads hand it work through _call_soon.
         self._executors: dict[str, ModelExecutor] = {}
         self._retired: list[ModelExecutor] = []  # swapped out or unloaded, finishing their queues
@@ -80,6 +88,12 @@ class Server:
         self._rejected: dict[str, int] = {}  # error replies sent by the I/O thread itself, by code
         self._thread: threading.Thread | None = None
         self._authenticator = None
+        self._scheduler: Scheduler | None = None
+        self._scheduler_stop = threading.Event()
+        self._scheduler_thread: threading.Thread | None = None
+        self._streams = Streams(self._ctx, config.server)
+        self._poller: zmq.Poller | None = None
+        self._quiet = QuietLog()
         self.bound: list[str] = []  # the endpoints actually bound (a `*` port resolved)
         self._handlers: dict[str, Callable[[Request], None]] = {
             "ping": self._ping, "metadata": self._metadata, "models": self._models, "stats": self._stats_endpoint,
@@ -118,11 +132,18 @@ class Server:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    @property
+    def streams(self) -> dict[str, str | None]:
+        """The periodic streams' endpoints as bound (None until a periodic model is served)."""
+        return {"publish": self._streams.publish_endpoint, "observe": self._streams.observe_endpoint}
+
     def _open(self) -> None:
         """Bind first (a taken port fails fast), then load every model; clients that connect meanwhile
         wait in the socket's queue, so a ping answered means every model is warm."""
         self._inbox = self._ctx.socket(zmq.PULL)
         self._inbox.bind(self._reply_address)
+        self._pubbox = self._ctx.socket(zmq.PULL)
+        self._pubbox.bind(self._publish_address)
         self._router = self._ctx.socket(zmq.ROUTER)
         # A hard cap far above the polite limit: a peer sending more is disconnected by libzmq
         # instead of making the server hold gigabytes; up to it, the peer gets a too_large reply.
@@ -137,8 +158,12 @@ class Server:
                 except zmq.ZMQError as e:
                     raise OSError(f"cannot bind {endpoint}: {e}") from None
                 self.bound.append(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
-            for cfg in self.config.models:
-                self._install(self._build(cfg), None)
+            if any(cfg.schedule.periodic for cfg in self.config.models):
+                self._streams.bind()
+            loaded = [self._build(cfg) for cfg in self.config.models]
+            self._start_scheduler(loaded)
+            for model in loaded:
+                self._install(model, None)
         except BaseException:
             for name in list(self._executors):
                 self._retire(name)
@@ -146,11 +171,33 @@ class Server:
                 ex.join(5.0)
             self._close()
             raise
-        log.info("serving %s on %s", ", ".join(self._executors), ", ".join(self.bound))
+        streams = f"; periodic streams: actions on {self._streams.publish_endpoint}, observations on " \
+                  f"{self._streams.observe_endpoint}" if self._streams.bound else ""
+        log.info("serving %s on %s%s", ", ".join(self._executors), ", ".join(self.bound), streams)
+
+    def _start_scheduler(self, models: list[LoadedModel]) -> None:
+        """One scheduler thread launches every model's GPU work (the device follows the models)."""
+        server = self.config.server
+        self._scheduler = Scheduler(_device_for(models), depth=server.scheduler_depth, window=server.stats_window)
+        self._scheduler_thread = threading.Thread(target=self._scheduler.run, args=(self._scheduler_stop,),
+                                                  name="flashrt-scheduler", daemon=True)
+        self._scheduler_thread.start()
+
+    def _stop_scheduler(self) -> None:
+        if self._scheduler_thread is None:
+            return
+        self._scheduler_stop.set()
+        self._scheduler.wake()
+        self._scheduler_thread.join(10.0)
+        if not self._scheduler_thread.is_alive():
+            self._scheduler.cancel_pending("the server is shutting down")  # whoever waits gets an answer
 
     def _close(self) -> None:
+        self._stop_scheduler()
         self._router.close(linger=1000)  # replies already queued still go out
+        self._streams.close()
         self._inbox.close()
+        self._pubbox.close()
         if self._authenticator is not None:
             self._authenticator.stop()
         if all(ex.done() for ex in [*self._executors.values(), *self._retired]):
@@ -162,16 +209,23 @@ class Server:
     # The I/O loop
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._inbox, zmq.POLLIN)
+        poller.register(self._pubbox, zmq.POLLIN)
+        if self._streams.bound:
+            poller.register(self._streams.sub, zmq.POLLIN)
         deadline = None
         while True:
             events = dict(poller.poll(POLL_MS))
             if self._inbox in events:
                 self._on_inbox(self._inbox.recv_multipart())
+            if self._pubbox in events:
+                self._on_publications()
             if self._router in events:
                 self._on_request(self._router.recv_multipart(copy=False))
+            if self._streams.sub is not None and self._streams.sub in events:
+                self._on_observations()
             if self._reload_requested:
                 self._reload_requested = False
                 threading.Thread(target=self._reload, name="flashrt-reload", daemon=True).start()
@@ -180,7 +234,8 @@ class Server:
                     deadline = time.monotonic() + 10.0
                     for name in list(self._executors):
                         self._retire(name)
-                if (all(ex.done() for ex in self._retired) and not self._inbox.poll(0)) or time.monotonic() > deadline:
+                drained = not self._inbox.poll(0) and not self._pubbox.poll(0)
+                if (all(ex.done() for ex in self._retired) and drained) or time.monotonic() > deadline:
                     break
         self._close()
         log.info("stopped")
@@ -225,6 +280,39 @@ class Server:
             code, message = error_of(e)
             self._send_error(req, code, message)
 
+    def _on_publications(self) -> None:
+        """Forward the periodic results the workers handed over to the PUB socket."""
+        while True:
+            try:
+                frames = self._pubbox.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._streams.publish(frames)
+
+    def _on_observations(self) -> None:
+        """Each periodic model's newest observation, decoded and handed to the scheduler; a bad one is
+        counted and logged (a robot's stream must not be able to stop anything)."""
+        for topic, frames in self._streams.drain().items():
+            name = topic.decode("utf-8", "replace")
+            try:
+                ex = self._executors.get(name)
+                if ex is None or not ex.schedule.periodic:
+                    periodic = [n for n, e in self._executors.items() if e.schedule.periodic]
+                    raise ProtocolError(UNKNOWN_MODEL, f"observation published for {name!r}, which is not a periodic "
+                                                       f"model here (periodic: {', '.join(periodic) or 'none'})")
+                if len(frames) < 2:
+                    raise ProtocolError(BAD_REQUEST, "an observation is [model name, msgpack observation, "
+                                                     "*extra frames]; this message has no body")
+                size, limit = sum(len(f) for f in frames[1:]), self.config.server.max_message_bytes
+                if size > limit:
+                    raise ProtocolError(TOO_LARGE, f"observation of {size} bytes is over the limit of {limit} bytes")
+                msg, encoding = decode(frames[1].buffer, [f.buffer for f in frames[2:]])
+                self._scheduler.publish(name, Observed(observation(msg), encoding or OPENPI))
+            except Exception as e:
+                code, message = error_of(e)
+                self._streams.invalid[code] += 1
+                self._quiet(f"published observation refused, {code}: {message}")
+
     def _send(self, req: Request, payload: Any) -> None:
         self._router.send_multipart(req.reply(payload, {"server_ms": (perf_counter() - req.t_recv) * 1e3}))
 
@@ -265,47 +353,65 @@ class Server:
         self._send(req, {"status": "ok", "message": "Server is running", "protocol": VERSION,
                          "models": list(self._executors)})
 
+    def _schedule(self, model: LoadedModel) -> dict:
+        """A model's schedule as `metadata` and `models` show it, with its streams when periodic."""
+        out = model.config.schedule.describe()
+        if model.config.schedule.periodic:
+            out["streams"] = {"topic": model.config.name, **self.streams}
+        return out
+
     def _metadata(self, req: Request) -> None:
         model = self._executor(req).model
         self._send(req, {"model": model.config.name, "generation": model.generation, "spec": model.spec,
-                         **describe_io(model.spec), "groot": model.config.groot is not None})
+                         **describe_io(model.spec), "groot": model.config.groot is not None,
+                         "schedule": self._schedule(model)})
 
     def _models(self, req: Request) -> None:
         self._send(req, {"models": [
             {"name": name, "kind": ex.model.spec.get("kind"), "generation": ex.model.generation,
              "loaded_at": ex.model.loaded_at, "load_s": ex.model.load_s, "queue": ex.depth,
-             "checkpoint": ex.model.config.checkpoint}
+             "checkpoint": ex.model.config.checkpoint, "schedule": self._schedule(ex.model)}
             for name, ex in self._executors.items()]})
 
     def _stats_endpoint(self, req: Request) -> None:
         models = {}
         for name, ex in self._executors.items():
-            models[name] = {**ex.stats.snapshot(), "queue": ex.depth, "generation": ex.model.generation}
-        self._send(req, {"uptime_s": time.time() - self._started_at, "requests": self._requests,
-                         "rejected": dict(self._rejected), "models": models})
+            tally = (self._scheduler.tally.get(name) or ModelTally()).as_dict()
+            tally.pop("errors")  # failed launches: already among the error replies counted in `errors`
+            models[name] = {**ex.stats.snapshot(), **tally, "queue": ex.depth, "generation": ex.model.generation}
+        out = {"uptime_s": time.time() - self._started_at, "requests": self._requests,
+               "rejected": dict(self._rejected), "models": models}
+        if self._streams.bound:
+            out["streams"] = self._streams.snapshot()
+        self._send(req, out)
 
     def _infer(self, req: Request) -> None:
         ex = self._executor(req)
         model = ex.model
         try:
+            if model.config.schedule.periodic:
+                raise ProtocolError(BAD_REQUEST, f"model {model.config.name!r} runs periodically (schedule.trigger: "
+                                                 f"periodic): publish its observations to {self.streams['observe']} "
+                                                 f"with topic {model.config.name!r} and subscribe to "
+                                                 f"{self.streams['publish']} for its actions")
             if isinstance(req.data, dict) and "observation" in req.data:  # an Isaac-GR00T client
                 if model.config.groot is None:
                     raise ProtocolError(BAD_INPUT, f"model {model.config.name!r} has no `groot:` key mapping in "
                                                    "its config, so it cannot serve an Isaac-GR00T observation")
                 obs = groot_observation(req.data["observation"], model.config.groot, model.required_cameras)
                 req.bare = True
-                work = partial(_infer_groot, obs, model.config.groot)
+                work = Infer(obs, partial(_groot_reply, model.config.groot))
             else:
-                work = partial(_infer, observation(req.data))
+                work = Infer(observation(req.data))
         except ProtocolError as e:
             ex.stats.record_error(e.code)
             raise
         self._submit(ex, req, work)
 
     def _reset(self, req: Request) -> None:
-        self._submit(self._executor(req), req, _reset)
+        self._submit(self._executor(req), req, RESET)
 
-    def _submit(self, ex: ModelExecutor, req: Request, work: Callable[[Any], Any]) -> None:
+    def _submit(self, ex: ModelExecutor, req: Request, work: Infer | str) -> None:
         req.t_ready = perf_counter()
         if not ex.submit(req, work):
             ex.stats.record_error(BUSY)
@@ -325,31 +431,52 @@ class Server:
             raise ProtocolError(BAD_INPUT, "unload: name the model with 'model'")
         self._executor(req)  # unknown_model if it is not served
         self._retire(req.model)
-        self._stats.pop(req.model, None)
+        self._forget(req.model)
         self._send(req, {"model": req.model, "unloaded": True})
 
     # ------------------------------------------------------------------------------------------
     # Loading and swapping
 
-    def _build(self, cfg: ServedModelConfig) -> ModelExecutor:
-        """Load and warm a model, with its worker thread ready (any thread; slow)."""
+    def _build(self, cfg: ServedModelConfig) -> LoadedModel:
+        """Load and warm a model (any thread; slow)."""
         model = load_model(cfg, self._loader)
         model.generation = next(self._generations)  # loads are serialized, so generations follow install order
-        stats = self._stats.setdefault(cfg.name, ModelStats(self.config.server.stats_window))
-        return ModelExecutor(model, stats, self._ctx, self._reply_address, self.config.server.max_queue)
+        return model
 
-    def _install(self, ex: ModelExecutor, req: Request | None) -> None:
-        """Switch a model's name to `ex` (I/O thread). The old worker finishes its queue on the old model."""
-        name = ex.model.config.name
+    def _install(self, model: LoadedModel, req: Request | None) -> None:
+        """Switch a model's name to `model` (I/O thread). The old executor finishes its queue, and the
+        tasks it has in the scheduler, on the old model."""
+        name = model.config.name
         old = self._executors.get(name)
         if self._stop_requested:
-            ex.close()
-            self._retired.append(ex)
             if req is not None:
                 self._send_error(req, UNAVAILABLE, "the server is shutting down")
             return
+        schedule = model.config.schedule
+        if schedule.periodic and not self._streams.bound:
+            try:
+                self._streams.bind()
+            except OSError as e:
+                text = f"loading model {name!r} failed, {'the running one keeps serving' if old else 'nothing was loaded'}: {e}"
+                if req is None:
+                    raise OSError(text) from None
+                log.error("%s", text)
+                self._send_error(req, "bad_config", text)
+                return
+            if self._poller is not None:
+                self._poller.register(self._streams.sub, zmq.POLLIN)
+        if str(model.spec.get("device", "cpu")).startswith("cuda") and isinstance(self._scheduler.device, SyncDevice):
+            log.warning("model %r runs on %s but this server's scheduler started without a GPU model: its segments "
+                        "are launched in order on the default stream and its latencies are not measured on the GPU",
+                        name, model.spec["device"])
+        stats = self._stats.setdefault(name, ModelStats(self.config.server.stats_window))
+        ex = ModelExecutor(model, stats, self._scheduler, self._ctx, self._reply_address, self._publish_address,
+                           self.config.server.max_queue)
         self._executors[name] = ex
-        self._stats[name] = ex.stats
+        if schedule.periodic:  # a swap keeps the stream's phase and newest observation
+            self._scheduler.add_periodic(name, schedule.period_ms / 1e3, ex.release)
+        elif old is not None and old.schedule.periodic:
+            self._scheduler.remove_periodic(name)
         if old is not None:
             old.close()
             self._retired.append(old)
@@ -362,14 +489,21 @@ class Server:
 
     def _retire(self, name: str) -> None:
         ex = self._executors.pop(name)
+        if ex.schedule.periodic:
+            self._scheduler.remove_periodic(name)
         ex.close()
         self._retired.append(ex)
+
+    def _forget(self, name: str) -> None:
+        """An unloaded model's counters go with it (a later model of that name starts afresh)."""
+        self._stats.pop(name, None)
+        self._scheduler.tally.pop(name, None)
 
     def _load_and_install(self, cfg: ServedModelConfig, req: Request | None) -> bool:
         """Load beside the serving model, then hand over to the I/O thread; a failure changes nothing."""
         with self._load_lock:
             try:
-                ex = self._build(cfg)
+                model = self._build(cfg)
             except Exception as e:
                 code, message = error_of(e)
                 serving = cfg.name in self._executors
@@ -379,7 +513,7 @@ class Server:
                 if req is not None:
                     self._call_soon(partial(self._send_error, req, code, text))
                 return False
-            self._call_soon(partial(self._install, ex, req))
+            self._call_soon(partial(self._install, model, req))
             return True
 
     def _reload(self) -> None:
@@ -411,7 +545,7 @@ class Server:
     def _unload_quietly(self, name: str) -> None:
         if name in self._executors:
             self._retire(name)
-            self._stats.pop(name, None)
+            self._forget(name)
 
 
 def admin_token_from_env() -> str | None:

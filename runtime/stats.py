@@ -1,7 +1,8 @@
 """Per-model request counters and latency percentiles for the `stats` endpoint.
 
 Written by the model's worker thread, read by the I/O thread, hence the lock. A metric is just a
-name: a new one (say, deadline misses from a scheduler) is one more `record` keyword.
+name: a new one is one more `record` keyword; a new counter is one more `count` name. (The
+scheduler keeps its own tally per model: completions, misses, tardiness; `stats` shows both.)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class ModelStats:
         self._samples = {m: deque(maxlen=window) for m in METRICS}
         self.count = 0
         self.errors: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()  # events that are not requests, e.g. published action chunks
 
     def record(self, **ms: float) -> None:
         with self._lock:
@@ -37,10 +39,15 @@ class ModelStats:
             self.count += 1
             self.errors[code] += 1
 
+    def count_event(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
     def snapshot(self) -> dict:
         with self._lock:
             samples = {m: np.fromiter(s, dtype=np.float64, count=len(s)) for m, s in self._samples.items()}
-            out: dict = {"count": self.count, "errors": sum(self.errors.values()), "errors_by_code": dict(self.errors)}
+            out: dict = {"count": self.count, "errors": sum(self.errors.values()), "errors_by_code": dict(self.errors),
+                         **self.counters}
         for name, values in samples.items():
             if len(values):
                 p = np.percentile(values, PERCENTILES)

@@ -6,9 +6,9 @@ import pytest
 import zmq
 import zmq.auth
 
-from runtime.client import PolicyClient
+from runtime.client import ActionSubscriber, ObservationPublisher, PolicyClient
 from runtime.server import Server
-from runtime_fakes import FakeLoader, deployment, observation
+from runtime_fakes import FakeLoader, deployment, first_chunk, observation, periodic
 
 
 def test_libzmq_has_curve():
@@ -56,3 +56,25 @@ def test_curve_without_allow_list_encrypts_for_any_client_with_the_server_key(ke
 def test_missing_key_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="server.curve.secret_key"):
         Server(deployment(curve={"secret_key": str(tmp_path / "none.key_secret")}), loader=FakeLoader()).start()
+
+
+def test_curve_protects_the_periodic_streams(keys):
+    """The PUB and SUB sockets use the server's keys and allow-list too: nobody else can read the
+    actions, and nobody else can steer the robot by publishing observations."""
+    config = deployment(periodic("cam", 20), curve={"secret_key": keys["server_secret"], "clients": keys["allowed"]})
+    with Server(config, loader=FakeLoader()) as server:
+        robot = {"server_key": keys["server_public"], "client_cert": keys["robot"]}
+        with ObservationPublisher(server.streams["observe"], **robot) as pub, \
+                ActionSubscriber(server.streams["publish"], "cam", **robot) as sub:
+            assert first_chunk(pub, sub, "cam", observation(1, size=8))["actions"][0, 0] == 1001.0
+            with ActionSubscriber(server.streams["publish"], "cam") as spy, \
+                    ActionSubscriber(server.streams["publish"], "cam", server_key=keys["server_public"],
+                                     client_cert=keys["stranger"]) as stranger:
+                for s in (spy, stranger):
+                    with pytest.raises(TimeoutError):
+                        s.recv(timeout_ms=300)
+            with ObservationPublisher(server.streams["observe"]) as intruder:
+                for _ in range(10):
+                    intruder.publish("cam", observation(99, size=8))
+                    sub.recv()
+            assert sub.latest()["actions"][0, 0] == 1001.0  # the intruder's observations never arrived

@@ -12,6 +12,7 @@ import yaml
 from flashrt.errors import CheckpointError
 from runtime.client import PolicyClient, ServerError
 from runtime.config import load_deployment
+from runtime.models import WARMUP_CALLS
 from runtime.server import Server
 from runtime_fakes import FakeLoader, deployment, model_dict, observation
 
@@ -73,8 +74,8 @@ def test_swap_under_load_fails_no_request():
             assert all(m == new.marker for m in markers[switch:])  # never back to the old model
             # the old model kept serving while the new one loaded
             assert sum(1 for m, t in replies if m == old.marker and t0 < t < t_swapped) > 0
-        # every request the old model accepted, it answered: its calls = warm-up + old-marker replies
-        assert old.calls == 1 + sum(m == old.marker for r in load.replies for m, _ in r)
+        # every request the old model accepted, it answered: its calls = warm-ups + old-marker replies
+        assert old.calls == WARMUP_CALLS + sum(m == old.marker for r in load.replies for m, _ in r)
         with PolicyClient(endpoint) as c:
             assert c.metadata()["generation"] == 2
             assert c.metadata()["spec"]["default_prompt"] == "a new default prompt"

@@ -196,3 +196,99 @@ def test_cancel_pending_fails_what_did_not_run():
     s.step()  # admits both, launches a's first segment
     assert s.cancel_pending() == 2 and sorted(seen) == [("a", "Cancelled"), ("b", "Cancelled")]
     assert not s.ready and s.step() is True  # the launched segment still completes
+
+
+def test_after_a_stall_only_the_newest_overdue_release_runs():
+    """A scheduler thread held up for several periods releases once, at the newest release time (the
+    only one that can still be on time); the ones it slept through are skipped and counted."""
+    dev = SimDevice()
+    s = Scheduler(dev)
+    seen = []
+
+    def make(obs, release):
+        seen.append(release)
+        return task("cam", 2, 1.0, deadline=release + 0.008)
+
+    s.add_periodic("cam", 0.010, make)
+    s.publish("cam", "obs")
+    dev.t = 0.0455  # releases at 10, 20, 30 and 40 ms are all due at once
+    s.step()
+    assert seen == [pytest.approx(0.040)]
+    assert (s.tally["cam"].skipped, s.tally["cam"].misses) == (3, 3)
+    simulate(s, dev, [], 0.06)
+    assert s.tally["cam"].completed == 2 and s.tally["cam"].misses == 3  # 40 ms and 50 ms ran on time
+
+
+def test_make_task_returning_none_or_raising_skips_the_release():
+    dev = SimDevice()
+    s = Scheduler(dev)
+    calls = []
+
+    def make(obs, release):
+        calls.append(obs)
+        if obs == "bad":
+            return None
+        if obs == "bug":
+            raise RuntimeError("a bug in make_task")
+        return task("cam", 1, 1.0)
+
+    s.add_periodic("cam", 0.010, make)
+    for i, obs in enumerate(("bad", "bug", "good")):
+        s.publish("cam", obs)
+        simulate(s, dev, [], 0.0105 + 0.010 * i)  # just past release i + 1
+    assert calls == ["bad", "bug", "good"]
+    t = s.tally["cam"]
+    assert (t.skipped, t.misses, t.completed) == (2, 2, 1)  # and the scheduler went on
+
+
+def test_swap_keeps_phase_and_newest_observation_remove_stops_releases():
+    dev = SimDevice()
+    s = Scheduler(dev)
+    old, new = [], []
+    s.add_periodic("cam", 0.010, lambda o, r: old.append((o, r)) or task("cam", 1, 1.0))
+    s.publish("cam", "obs")
+    simulate(s, dev, [], 0.025)
+    s.add_periodic("cam", 0.010, lambda o, r: new.append((o, r)) or task("cam", 1, 1.0))  # the same period
+    simulate(s, dev, [], 0.045)
+    assert [r for _, r in old] == pytest.approx([0.01, 0.02])
+    assert new == [("obs", pytest.approx(0.03)), ("obs", pytest.approx(0.04))]  # no gap, no re-publish needed
+    assert s.release_index("cam", new[-1][1]) == 4
+    s.remove_periodic("cam")
+    simulate(s, dev, [], 0.08)
+    assert len(new) == 2 and s.release_index("cam", 0.05) == -1
+
+
+def test_call_soon_runs_on_the_scheduler_thread_and_submissions_wake_it():
+    import threading
+    import time
+
+    from runtime.scheduler import SyncDevice
+
+    s = Scheduler(SyncDevice())
+    stop = threading.Event()
+    thread = threading.Thread(target=s.run, args=(stop, 5.0))  # a long poll: only a wake-up can be quick
+    thread.start()
+    try:
+        time.sleep(0.05)  # idle, sleeping on its event
+        ran_on, done = [], threading.Event()
+        t0 = time.perf_counter()
+        s.call_soon(lambda: ran_on.append(threading.current_thread()))
+        s.submit(Task("m", [Seg("m0", 0.0)], deadline=INF, on_done=lambda t, e: done.set()))
+        assert done.wait(1.0) and time.perf_counter() - t0 < 0.5
+        assert ran_on == [thread]
+    finally:
+        stop.set()
+        s.wake()
+        thread.join(2.0)
+    assert not thread.is_alive()
+
+
+def test_tally_keeps_a_bounded_window():
+    dev = SimDevice()
+    s = Scheduler(dev, window=10)
+    for i in range(50):
+        s.submit(task("m", 1, 0.1))
+        simulate(s, dev, [], dev.t + 0.001)
+    t = s.tally["m"]
+    assert t.completed == 50 and 10 <= len(t.latencies) <= 20
+    assert t.as_dict()["latency_ms"]["n"] == len(t.latencies)

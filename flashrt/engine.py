@@ -94,7 +94,9 @@ class Engine:
                 if id(seg) in captured:  # the vision segment is shared by all buckets
                     continue
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool, stream=side):
+                # thread_local: other threads (a scheduler serving other models) keep launching work
+                # while this capture runs; only this thread's CUDA calls are checked against it.
+                with torch.cuda.graph(g, pool=pool, stream=side, capture_error_mode="thread_local"):
                     seg.fn()
                 seg.graph = g
                 captured.add(id(seg))

@@ -176,6 +176,7 @@ class Policy:
         b.noise = self._floats_dev[a:].view(horizon, a)
         self._slots = [Slot(n_int, self._floats_dev.numel(), tuple(b.actions.shape), n_cams, self.device)
                        for _ in range(2)]
+        self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._next_slot = 0
 
     def reset(self) -> None:
@@ -223,20 +224,28 @@ class Policy:
         self._write_ints(slot, tokens, present)
         self._write_floats(slot, state, noise)
         staged = [slot.stage_image(i, img) if img is not None else None for i, img in enumerate(checked)]
-        inputs = Segment("inputs", lambda: self._upload(slot, staged, noise is None))
+        if slot.pin:  # the upload overlaps whatever the GPU runs now; the inputs segment waits for it
+            staged = slot.upload(staged, self._upload_stream)
+        inputs = Segment("inputs", lambda: self._take_inputs(slot, staged, noise is None))
         output = Segment("output", lambda: self._download(slot))
         return Job(bucket, [inputs, *self.engine.segments(bucket), output], slot)
 
-    def _upload(self, slot: Slot, staged: list, fresh_noise: bool) -> None:
-        self._ints_dev.copy_(slot.ints, non_blocking=True)
-        self._floats_dev.copy_(slot.floats, non_blocking=True)
-        images = [s.to(self.device, non_blocking=True) if s is not None else None for s in staged]
+    def _take_inputs(self, slot: Slot, images: list, fresh_noise: bool) -> None:
+        """The inputs segment: the slot's inputs into the engine's static buffers (device to device on a
+        GPU, after the slot's upload), the noise, the images preprocessed on the device."""
         slot.staged = False
-        if slot.uploaded is not None:
-            slot.uploaded.record()
+        if slot.pin:
+            torch.cuda.current_stream(self.device).wait_event(slot.uploaded)
+            self._ints_dev.copy_(slot.ints_dev)
+            self._floats_dev.copy_(slot.floats_dev)
+        else:
+            self._ints_dev.copy_(slot.ints)
+            self._floats_dev.copy_(slot.floats)
         if fresh_noise:
             torch.randn(self.buf.noise.shape, generator=self._gen, device=self.device, out=self.buf.noise)
         self.model.ops.images_to_model(images, self.buf.images)
+        if slot.pin:
+            slot.consumed.record()
 
     def _download(self, slot: Slot) -> None:
         slot.actions.copy_(self.buf.actions, non_blocking=slot.pin)

@@ -38,8 +38,8 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement
 
-from flashrt.config import ModelConfig, parse
-from runtime.config import load_deployment
+
+from runtime.config import load_deployment, parse_model
 
 try:
     import tomllib
@@ -622,7 +622,8 @@ def test_deployment_config_parses(name):
     data = yaml.safe_load((ROOT / "configs" / name).read_text())
     assert set(data) == {"server", "models"}
     assert data["server"]["bind"] == f"tcp://0.0.0.0:{PORT}", "LAN-reachable, on the healthcheck's port"
-    models = [parse(ModelConfig, m, f"configs/{name}: models[{i}]") for i, m in enumerate(data["models"])]
+    # each model with the runtime's schema: the engine's ModelConfig plus runtime keys (schedule, groot)
+    models = [parse_model(m, f"configs/{name}: models[{i}]") for i, m in enumerate(data["models"])]
     assert len({m.name for m in models}) == len(models)
     for m in models:
         assert m.checkpoint != "random" and m.device == "auto"

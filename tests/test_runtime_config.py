@@ -50,7 +50,7 @@ def test_schedule_defaults_and_realtime():
 
 
 def test_example_configs_parse():
-    multi = load_deployment("configs/examples/multi_model.yaml")
+    multi = load_deployment("configs/multi_model.yaml")
     by_name = {m.name: m.schedule for m in multi.models}
     assert [s.trigger for s in by_name.values()] == ["periodic", "periodic", "request"]
     rt = [s for s in by_name.values() if s.priority > 0]

@@ -111,7 +111,7 @@ def main() -> None:
     for kind in ("pi05", "pi0"):
         try:
             res["cases"][kind] = case(kind, root)
-        except Exception as e:  # keep the other case's figures
+        except Exception:  # keep the other case's figures
             import traceback
             res["cases"][kind] = {"error": traceback.format_exc()[-3000:]}
         print(kind, json.dumps(res["cases"][kind], indent=1), flush=True)

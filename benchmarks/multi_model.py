@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine, percentiles, save, wall_timed  # noqa: E402
+from benchmarks.common import machine, save, wall_timed  # noqa: E402
 from runtime.scheduler import INF, CudaDevice, Scheduler, SyncDevice, Task  # noqa: E402
 
 import flashrt  # noqa: E402

@@ -120,7 +120,10 @@ class ModelTally:
 
         lat = np.asarray(list(self.latencies)) * 1e3  # list(): a snapshot, the scheduler thread may append
         tard = np.asarray(list(self.tardiness)) * 1e3
-        pct = (lambda a, q: float(np.percentile(a, q)) if len(a) else None)
+
+        def pct(a, q):
+            return float(np.percentile(a, q)) if len(a) else None
+
         return {"completed": self.completed, "misses": self.misses, "rejected": self.rejected,
                 "skipped": self.skipped, "errors": self.errors,
                 "latency_ms": {"p50": pct(lat, 50), "p95": pct(lat, 95), "p99": pct(lat, 99),

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import yaml
 
-from flashrt.errors import CheckpointError
 from runtime.client import PolicyClient, ServerError
 from runtime.config import load_deployment
 from runtime.models import WARMUP_CALLS

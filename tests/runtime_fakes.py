@@ -19,30 +19,8 @@ from typing import Any
 import numpy as np
 
 from flashrt.errors import CheckpointError, InputError
+from flashrt.policy import PolicySpec
 from runtime.config import DeploymentConfig, parse_deployment
-
-
-@dataclasses.dataclass(frozen=True)
-class FakeSpec:
-    name: str
-    kind: str
-    cameras: tuple[str, ...]
-    optional_cameras: tuple[str, ...]
-    image_size: tuple[int, int]
-    state_dim: int
-    action_horizon: int
-    action_dim: int
-    default_prompt: str | None
-    max_prompt_tokens: int
-    num_steps: int
-    precision: str = "fp32"
-    device: str = "cpu"
-    platform: str = "cpu"
-    random_weights: bool = True
-    checkpoint: str = "random"
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 class FakeSegment:
@@ -113,11 +91,13 @@ class FakePolicy:
 
     def __init__(self, config: Any, marker: float, infer_s: float = 0.0, plan: list[float] | None = None,
                  noisy: bool = False, trace: list | None = None):
-        self.spec = FakeSpec(
+        self.spec = PolicySpec(  # the engine's own spec type, so the runtime sees exactly what it serves
             name=config.name, kind=config.kind, cameras=tuple(c.name for c in config.cameras),
             optional_cameras=tuple(c.name for c in config.cameras if c.optional), image_size=(224, 224),
             state_dim=config.state_dim, action_horizon=config.action_horizon or 10, action_dim=config.action_dim,
-            default_prompt=config.prompt, max_prompt_tokens=48, num_steps=config.num_steps)
+            prompt="text or tokens", default_prompt=config.prompt, max_prompt_tokens=48, prompt_buckets=(48,),
+            num_steps=config.num_steps, precision="fp32", device="cpu", platform="cpu", cuda_graphs=False,
+            random_weights=True, checkpoint="random", normalization="none")
         self.marker = marker
         self.plan = plan or [infer_s * 1e3 / 5] * 5
         self.slowdown = 1.0

@@ -68,6 +68,7 @@ class QuantWeight:
     bias: Tensor | None  # [out] in the output dtype
     out_dtype: torch.dtype
     act_scale: Tensor | None = None  # fp8: [1] float32 static per-tensor scale
+    inv_act_scale: Tensor | None = None  # its reciprocal, computed once (not one more kernel per call)
     _rows: dict = field(default_factory=dict)  # fp8: per-row copies of act_scale for each input height
 
     @classmethod
@@ -78,7 +79,7 @@ class QuantWeight:
             if act_amax is None:
                 raise ValueError("FP8 needs a calibrated activation amax")
             act = torch.tensor([max(act_amax, 1e-6) / FP8_MAX], device=w.device)
-        return cls(kind, q, s[None, :].contiguous(), b, w.dtype, act)
+        return cls(kind, q, s[None, :].contiguous(), b, w.dtype, act, None if act is None else 1.0 / act)
 
     def __call__(self, x: Tensor, b: Tensor | None = None) -> Tensor:
         bias = self.bias if b is None else b
@@ -87,7 +88,7 @@ class QuantWeight:
             scale_a = self._rows.get(m)
             if scale_a is None:  # made once per input height (during warm-up, before capture)
                 scale_a = self._rows[m] = self.act_scale.expand(m, 1).contiguous()
-            xq = quantize_fp8(x, 1.0 / self.act_scale)
+            xq = quantize_fp8(x, self.inv_act_scale)
             out = torch._scaled_mm(xq, self.q.t(), scale_a=scale_a, scale_b=self.w_scale, out_dtype=self.out_dtype)
             return out.add_(bias) if bias is not None else out  # rowwise-scaled GEMMs take no bias
         xq, sx = quantize_per_token(x)

@@ -92,7 +92,8 @@ def prepare(policy, precision: str, key_parts: dict) -> dict:
         setattr(o, w, qw)
         if b:
             setattr(o, b, None)
-    torch.cuda.empty_cache() if policy.device.type == "cuda" else None
+    if policy.device.type == "cuda":
+        torch.cuda.empty_cache()  # the bf16 weights just replaced go back to the driver
     return {"key": key, "cache": str(quant.cache_dir() / f"{key}.json"), "cached": cached is not None,
             "stored": str(path) if path else None, "observations": len(obs), "reference": reference,
             "probe": (obs[0], noise)}

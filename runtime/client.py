@@ -178,7 +178,22 @@ def _socket(kind: int, endpoint: str, context: zmq.Context | None, server_key: s
     return sock
 
 
-class ObservationPublisher:
+class _StreamSocket:
+    """One stream socket, closed without lingering; usable as a context manager."""
+
+    _socket: zmq.Socket
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ObservationPublisher(_StreamSocket):
     """Publishes observations to the server's SUB socket; the server keeps only each model's newest.
 
     A PUB socket drops what it cannot send instead of blocking: with no server connected (or for the
@@ -201,17 +216,9 @@ class ObservationPublisher:
         body = encode(observation, self.encoding, arrays)
         self._socket.send_multipart([model.encode(), body, *(arrays or ())])  # a plain copy, as PolicyClient.call
 
-    def close(self) -> None:
-        self._socket.close(linger=0)
-
-    def __enter__(self) -> "ObservationPublisher":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
-class ActionSubscriber:
+class ActionSubscriber(_StreamSocket):
     """Receives the action chunks of periodic models from the server's PUB socket.
 
     Each message is `{model, actions, seq, release_ms, latency_ms}`: `seq` numbers the model's
@@ -268,11 +275,3 @@ class ActionSubscriber:
             msg = newer
         return self._unwrap(msg)
 
-    def close(self) -> None:
-        self._socket.close(linger=0)
-
-    def __enter__(self) -> "ActionSubscriber":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

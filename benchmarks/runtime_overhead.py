@@ -257,7 +257,7 @@ def summarize(passes: list[dict], layouts: dict, args) -> dict:
         "method": (f"{len(passes)} passes; in each, per layout, fresh server processes and {args.n} timed requests "
                    f"per case after {args.warmup} warm-up, sequential, one client, the cases interleaved in 5 "
                    "rounds; runtime share from the server's own per-request stats (total - infer: receive to "
-                   "reply encoded, including the hand-off to the model's worker thread)"),
+                   "reply encoded, including the hand-overs to the scheduler thread and back)"),
         "passes": passes,
     }
 

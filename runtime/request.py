@@ -24,7 +24,7 @@ class Request:
     data: Any = None
     encoding: str = OPENPI  # reply arrays in the encoding the request used
     bare: bool = False  # Isaac-GR00T get_action: the reply is the payload itself, without the envelope
-    t_ready: float = 0.0  # decoded, validated and handed to the model's worker
+    t_ready: float = 0.0  # decoded, validated and handed to the model's executor
 
     def reply(self, payload: Any, timing: dict) -> list:
         if self.bare:

@@ -18,8 +18,12 @@ observation was invalid), is skipped and counted as a miss; so are releases the 
 held up past (of several due at once, only the newest runs: it is the only one that can be on time).
 
 Threads: `submit`, `publish`, `add_periodic`, `remove_periodic` and `call_soon` may be called from any
-thread and wake the scheduler thread at once (it sleeps on an event, not a poll); everything else,
-including `on_done` and `make_task`, runs on the scheduler thread, so those callbacks must be short.
+thread and wake the scheduler thread at once (it sleeps on an event, not a poll). Decisions (`step`)
+run one at a time under a lock, normally on the scheduler thread; but a `submit` that finds the
+device idle and no decision under way makes the decision itself, launching what needs no waiting
+(any segment on a GPU, whose launches are asynchronous; only a short one on a synchronous device).
+Its launch then starts at once instead of one thread wake-up later. `on_done`, `make_task` and the
+`call_soon` functions run inside a decision, on either thread, so they must be short.
 
 `mode="fifo"` is the baseline this is measured against: whole inferences in arrival order.
 
@@ -57,6 +61,8 @@ class Cancelled(Exception):
 
 
 class Device(Protocol):
+    inline_ms: float  # the longest segment a submitting thread may launch itself (0: never)
+
     def now(self) -> float: ...
     def launch(self, segment: Any, realtime: bool) -> Any: ...  # returns a completion token
     def done(self, token: Any) -> bool: ...
@@ -156,15 +162,28 @@ class Scheduler:
         self._inbox: deque = deque()  # tasks submitted from other threads
         self._calls: deque = deque()  # functions to run on the scheduler thread (call_soon)
         self._lock = threading.Lock()
+        self._deciding = threading.Lock()  # one decision (step) at a time, whichever thread makes it
         self._wake = threading.Event()  # set by every hand-over, so an idle scheduler reacts at once
         self.trace: list | None = None  # [model, segment, launch time, completion seen] when set to a list
 
     # -- submission (any thread) ---------------------------------------------------------------
 
     def submit(self, task: Task) -> None:
-        """Queue a task; the scheduler thread admits (or rejects) it at its next decision."""
+        """Queue a task; the next decision admits (or rejects) it. When nothing is running and no
+        decision is under way, that decision is made here, on the caller's thread (see the top)."""
         with self._lock:
             self._inbox.append(task)
+        if getattr(self.device, "inline_ms", 0) > 0 and self._deciding.acquire(blocking=False):
+            try:
+                if not self.inflight and not self.ready:
+                    while self.step(inline=True):
+                        pass
+            finally:
+                self._deciding.release()
+            with self._lock:
+                idle = not self.inflight and not self.ready and not self._inbox
+            if idle:  # everything ran here: nothing for the scheduler thread to wait for
+                return
         self._wake.set()
 
     def add_periodic(self, model: str, period_s: float, make_task: Callable[[Any, float], Task | None]) -> None:
@@ -324,24 +343,33 @@ class Scheduler:
         task.next += 1
         self.inflight.append((token, task, i, entry))
 
-    def step(self) -> bool:
-        """One scheduling decision. Returns False when there was nothing to do."""
+    def step(self, inline: bool = False) -> bool:
+        """One scheduling decision (under `_deciding`). Returns False when there was nothing to do, or,
+        `inline` (a submitting thread's decision), when the next thing would be a wait or a launch
+        longer than the device's `inline_ms`."""
         now = self.device.now()
         with self._lock:
-            inbox, self._inbox = self._inbox, deque()
-            calls, self._calls = self._calls, deque()
-            due = self._due_releases(now)
+            inbox = calls = ()  # taken over only when non-empty: no new deque per decision
+            if self._inbox:
+                inbox, self._inbox = self._inbox, deque()
+            if self._calls:
+                calls, self._calls = self._calls, deque()
+            due = self._due_releases(now) if self.periodic else ()
         for fn in calls:
             try:
                 fn()
             except Exception:
                 log.exception("a call handed to the scheduler failed")
-        self._release(due, now)
-        for task in inbox:
-            self._admit(task, now)
+        if due:
+            self._release(due, now)
+        if inbox:
+            for task in inbox:
+                self._admit(task, now)
         self._reap()
         if len(self.inflight) < self.depth and self.ready:
             _, task = self.ready[0]
+            if inline and not self._fits_inline(task):
+                return False
             if self.mode == "fifo":  # the baseline: a whole inference at once, in arrival order
                 heapq.heappop(self.ready)
                 while task.next < len(task.segments):
@@ -351,11 +379,18 @@ class Scheduler:
                 if task.next == len(task.segments) and self.ready and self.ready[0][1] is task:
                     heapq.heappop(self.ready)
             return True
-        if self.inflight:
+        if self.inflight and not inline:
             self.device.wait(self.inflight[0][0])
             self._finish_head()
             return True
         return False
+
+    def _fits_inline(self, task: Task) -> bool:
+        """Whether a submitting thread may launch the next segment (a whole task in fifo mode): only
+        segments of known duration, up to the device's `inline_ms`."""
+        segments = task.segments[task.next:] if self.mode == "fifo" else task.segments[task.next:task.next + 1]
+        durations = [getattr(seg, "duration_ms", None) for seg in segments]
+        return None not in durations and sum(durations) <= self.device.inline_ms
 
     def cancel_pending(self, reason: str = "the scheduler stopped") -> int:
         """Fail every task not fully launched (call once the scheduler thread has stopped): their
@@ -380,7 +415,8 @@ class Scheduler:
         while not stop.is_set():
             self._wake.clear()  # before looking for work: a hand-over from now on ends the sleep below
             try:
-                busy = self.step()
+                with self._deciding:
+                    busy = self.step()
             except Exception:  # a bug in a callback must not stop every model's GPU work
                 log.exception("scheduler step failed")
                 busy = False
@@ -397,6 +433,8 @@ _PENDING = Task("", [], INF)  # marks a periodic release being made (not finishe
 
 class SyncDevice:
     """CPU execution: a segment runs to completion when launched."""
+
+    inline_ms = 0.2  # a submitting thread (the server's I/O thread) may run a segment this short itself
 
     def now(self) -> float:
         return time.perf_counter()
@@ -416,6 +454,8 @@ class SyncDevice:
 
 class CudaDevice:
     """Segments on two CUDA streams (high priority for real-time work), completion by events."""
+
+    inline_ms = INF  # launches are asynchronous: any thread may launch without waiting for the GPU
 
     def __init__(self, device: Any = None):
         import torch

@@ -1,12 +1,11 @@
-"""The policy server: a ZeroMQ ROUTER socket, one I/O thread, one scheduler thread that owns the GPU,
-and one worker thread per loaded model.
+"""The policy server: a ZeroMQ ROUTER socket, one I/O thread, and one scheduler thread that owns the GPU.
 
 The I/O thread owns the sockets and the table of served models. It decodes each request, answers
-the cheap endpoints itself, validates observations and hands inference to the model's executor. The
-executor stages the inputs on its worker thread and submits the GPU work to the scheduler, which
-interleaves all models' segments by priority and deadline (runtime/scheduler.py); the worker sends
-the encoded reply back through an inproc socket that the I/O thread forwards. Periodic models get
-their observations from a SUB socket and publish their actions on a PUB socket (runtime/streams.py).
+the cheap endpoints itself, validates observations, and has the model's executor stage the inputs
+and submit the GPU work to the scheduler, which interleaves all models' segments by priority and
+deadline (runtime/scheduler.py). A finished task comes back through the mailbox, and the I/O thread
+encodes and sends the reply: one hand-over each way per request. Periodic models get their
+observations from a SUB socket and publish their actions on a PUB socket (runtime/streams.py).
 Loading runs on a background thread and hands the warm model to the I/O thread to install, so a
 swap never blocks serving and never drops a request. Any failure becomes an error reply.
 """
@@ -17,7 +16,6 @@ import hmac
 import itertools
 import logging
 import os
-import queue
 import threading
 import time
 from functools import partial
@@ -28,6 +26,7 @@ import zmq
 
 from .config import DeploymentConfig, ServedModelConfig, load_deployment, parse_model
 from .executor import RESET, Infer, ModelExecutor, Observed, QuietLog
+from .mailbox import Mailbox
 from .models import LoadedModel, Loader, flashrt_loader, load_model
 from .observation import describe_io, groot_observation, groot_reply, observation
 from .protocol import (BAD_INPUT, BAD_REQUEST, BUSY, OPENPI, TOO_LARGE, UNAUTHORIZED, UNAVAILABLE,
@@ -71,13 +70,11 @@ class Server:
         self._loader = loader
         self._admin_token = admin_token or config.server.admin_token
         self._ctx = zmq.Context()
-        self._reply_address = f"inproc://flashrt-replies-{id(self)}"
-        self._publish_address = f"inproc://flashrt-publications-{id(self)}"  # periodic results, to the PUB socket
-        # Owned by the I/O thread once serving; other threads hand it work through _call_soon.
+        self._mailbox = Mailbox()  # other threads hand the I/O thread work through it
+        # Owned by the I/O thread once serving.
         self._executors: dict[str, ModelExecutor] = {}
         self._retired: list[ModelExecutor] = []  # swapped out or unloaded, finishing their queues
         self._stats: dict[str, ModelStats] = {}
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._load_lock = threading.Lock()  # one load at a time: two captures would compete for the GPU
         self._reload_lock = threading.Lock()  # one config reload at a time (SIGHUPs may come in quick succession)
         self._generations = itertools.count(1)
@@ -140,10 +137,6 @@ class Server:
     def _open(self) -> None:
         """Bind first (a taken port fails fast), then load every model; clients that connect meanwhile
         wait in the socket's queue, so a ping answered means every model is warm."""
-        self._inbox = self._ctx.socket(zmq.PULL)
-        self._inbox.bind(self._reply_address)
-        self._pubbox = self._ctx.socket(zmq.PULL)
-        self._pubbox.bind(self._publish_address)
         self._router = self._ctx.socket(zmq.ROUTER)
         # A hard cap far above the polite limit: a peer sending more is disconnected by libzmq
         # instead of making the server hold gigabytes; up to it, the peer gets a too_large reply.
@@ -167,8 +160,6 @@ class Server:
         except BaseException:
             for name in list(self._executors):
                 self._retire(name)
-            for ex in self._retired:
-                ex.join(5.0)
             self._close()
             raise
         streams = f"; periodic streams: actions on {self._streams.publish_endpoint}, observations on " \
@@ -194,16 +185,17 @@ class Server:
 
     def _close(self) -> None:
         self._stop_scheduler()
+        self._mailbox.run()  # the tasks the scheduler cancelled: their clients get an answer
         self._router.close(linger=1000)  # replies already queued still go out
         self._streams.close()
-        self._inbox.close()
-        self._pubbox.close()
         if self._authenticator is not None:
             self._authenticator.stop()
-        if all(ex.done() for ex in [*self._executors.values(), *self._retired]):
-            self._ctx.term()
-        else:  # a model call that never returns must not keep the process alive
-            log.warning("a model worker is still busy; closing without waiting for it")
+        if self._scheduler_thread is not None and self._scheduler_thread.is_alive():
+            # A model call that never returns must not keep the process alive; it may still post.
+            log.warning("the scheduler is still running a model call; closing without waiting for it")
+        else:
+            self._mailbox.close()
+        self._ctx.term()
 
     # ------------------------------------------------------------------------------------------
     # The I/O loop
@@ -211,19 +203,18 @@ class Server:
     def _loop(self) -> None:
         poller = self._poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
-        poller.register(self._inbox, zmq.POLLIN)
-        poller.register(self._pubbox, zmq.POLLIN)
+        poller.register(self._mailbox.fileno(), zmq.POLLIN)
         if self._streams.bound:
             poller.register(self._streams.sub, zmq.POLLIN)
         deadline = None
         while True:
             events = dict(poller.poll(POLL_MS))
-            if self._inbox in events:
-                self._on_inbox(self._inbox.recv_multipart())
-            if self._pubbox in events:
-                self._on_publications()
             if self._router in events:
                 self._on_request(self._router.recv_multipart(copy=False))
+            # The poller reports a plain descriptor by its number. A request whose work ran at once
+            # (see Scheduler.submit) posted its completion already: reply now, not one poll later.
+            if self._mailbox.fileno() in events or not self._mailbox.empty():
+                self._mailbox.run()
             if self._streams.sub is not None and self._streams.sub in events:
                 self._on_observations()
             if self._reload_requested:
@@ -234,24 +225,10 @@ class Server:
                     deadline = time.monotonic() + 10.0
                     for name in list(self._executors):
                         self._retire(name)
-                drained = not self._inbox.poll(0) and not self._pubbox.poll(0)
-                if (all(ex.done() for ex in self._retired) and drained) or time.monotonic() > deadline:
+                if (all(ex.done() for ex in self._retired) and self._mailbox.empty()) or time.monotonic() > deadline:
                     break
         self._close()
         log.info("stopped")
-
-    def _on_inbox(self, frames: list[bytes]) -> None:
-        if frames == [b""]:  # a wake-up: run what other threads handed over
-            while True:
-                try:
-                    call = self._calls.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    call()
-                except Exception:  # a bug in a hand-over must not stop the I/O loop
-                    log.exception("a task handed to the I/O thread failed")
-        self._router.send_multipart(frames)  # a worker's encoded reply
 
     def _on_request(self, frames: list) -> None:
         t_recv = perf_counter()
@@ -279,15 +256,6 @@ class Server:
         except Exception as e:  # whatever happens, the client gets an answer and the loop goes on
             code, message = error_of(e)
             self._send_error(req, code, message)
-
-    def _on_publications(self) -> None:
-        """Forward the periodic results the workers handed over to the PUB socket."""
-        while True:
-            try:
-                frames = self._pubbox.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._streams.publish(frames)
 
     def _on_observations(self) -> None:
         """Each periodic model's newest observation, decoded and handed to the scheduler; a bad one is
@@ -319,13 +287,6 @@ class Server:
     def _send_error(self, req: Request, code: str, message: str) -> None:
         self._rejected[code] = self._rejected.get(code, 0) + 1
         self._router.send_multipart(req.error(code, message, {"server_ms": (perf_counter() - req.t_recv) * 1e3}))
-
-    def _call_soon(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the I/O thread (from any other thread)."""
-        self._calls.put(fn)
-        with self._ctx.socket(zmq.PUSH) as wake:
-            wake.connect(self._reply_address)
-            wake.send(b"")
 
     # ------------------------------------------------------------------------------------------
     # Endpoints (on the I/O thread)
@@ -470,8 +431,8 @@ class Server:
                         "are launched in order on the default stream and its latencies are not measured on the GPU",
                         name, model.spec["device"])
         stats = self._stats.setdefault(name, ModelStats(self.config.server.stats_window))
-        ex = ModelExecutor(model, stats, self._scheduler, self._ctx, self._reply_address, self._publish_address,
-                           self.config.server.max_queue)
+        ex = ModelExecutor(model, stats, self._scheduler, self._mailbox, self._router.send_multipart,
+                           self._streams.publish, self.config.server.max_queue)
         self._executors[name] = ex
         if schedule.periodic:  # a swap keeps the stream's phase and newest observation
             self._scheduler.add_periodic(name, schedule.period_ms / 1e3, ex.release)
@@ -511,9 +472,9 @@ class Server:
                         f"{'the running one keeps serving' if serving else 'nothing was loaded'}: {message}")
                 log.error("%s", text)
                 if req is not None:
-                    self._call_soon(partial(self._send_error, req, code, text))
+                    self._mailbox.post(partial(self._send_error, req, code, text))
                 return False
-            self._call_soon(partial(self._install, model, req))
+            self._mailbox.post(partial(self._install, model, req))
             return True
 
     def _reload(self) -> None:
@@ -540,7 +501,7 @@ class Server:
                 self._load_and_install(cfg, None)
         for name in set(serving) - {cfg.name for cfg in new.models}:
             log.info("reload: unloading model %r", name)
-            self._call_soon(partial(self._unload_quietly, name))
+            self._mailbox.post(partial(self._unload_quietly, name))
 
     def _unload_quietly(self, name: str) -> None:
         if name in self._executors:

@@ -1,7 +1,8 @@
 """Per-model request counters and latency percentiles for the `stats` endpoint.
 
-Written by the model's worker thread, read by the I/O thread, hence the lock. A metric is just a
-name: a new one is one more `record` keyword; a new counter is one more `count` name. (The
+Written by the I/O thread and (a periodic model's refused observations) the scheduler thread, read by
+the I/O thread, hence the lock. A metric is just a name: a new one is one more `record` keyword; a
+new counter is one more `count` name. (The
 scheduler keeps its own tally per model: completions, misses, tardiness; `stats` shows both.)
 """
 
@@ -13,9 +14,10 @@ from collections import Counter, deque
 import numpy as np
 
 # Stages of one request, in milliseconds (see Request in server.py for where each is stamped):
-#   decode    receive -> decoded and validated          queue   -> picked up by the model's worker
-#   infer     the model call itself                     encode  -> reply encoded
-#   total     receive -> reply encoded                  overhead = total - infer: the runtime's own share
+#   decode    receive -> decoded and validated          queue   waiting: earlier requests, the scheduler, other models
+#   infer     the model's own work: staging, then first launch -> last segment done
+#   encode    last segment done -> reply encoded        total   receive -> reply encoded
+#   overhead  total - infer: the runtime's own share
 METRICS = ("decode", "queue", "infer", "encode", "total", "overhead")
 PERCENTILES = (50, 95, 99)
 

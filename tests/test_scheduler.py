@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -12,7 +14,7 @@ from runtime.scheduler import INF, Rejected, Scheduler, Task
 @dataclass
 class Seg:
     name: str
-    duration_ms: float  # what the scheduler believes (measured at load)
+    duration_ms: float | None  # what the scheduler believes (measured at load; None: unknown)
     actual_ms: float | None = None  # what the simulated GPU takes (default: the same)
     runs: int = 0
 
@@ -258,29 +260,65 @@ def test_swap_keeps_phase_and_newest_observation_remove_stops_releases():
     assert len(new) == 2 and s.release_index("cam", 0.05) == -1
 
 
-def test_call_soon_runs_on_the_scheduler_thread_and_submissions_wake_it():
-    import threading
-    import time
+class ThreadSeg(Seg):
+    """Remembers the thread that launched it."""
 
-    from runtime.scheduler import SyncDevice
+    def launch(self, stream=None):
+        super().launch()
+        self.thread = threading.current_thread()
 
-    s = Scheduler(SyncDevice())
+
+def run_scheduler(s: Scheduler):
     stop = threading.Event()
     thread = threading.Thread(target=s.run, args=(stop, 5.0))  # a long poll: only a wake-up can be quick
     thread.start()
-    try:
-        time.sleep(0.05)  # idle, sleeping on its event
-        ran_on, done = [], threading.Event()
-        t0 = time.perf_counter()
-        s.call_soon(lambda: ran_on.append(threading.current_thread()))
-        s.submit(Task("m", [Seg("m0", 0.0)], deadline=INF, on_done=lambda t, e: done.set()))
-        assert done.wait(1.0) and time.perf_counter() - t0 < 0.5
-        assert ran_on == [thread]
-    finally:
-        stop.set()
-        s.wake()
-        thread.join(2.0)
+    time.sleep(0.05)  # idle, sleeping on its event
+    return stop, thread
+
+
+def stop_scheduler(s: Scheduler, stop: threading.Event, thread: threading.Thread) -> None:
+    stop.set()
+    s.wake()
+    thread.join(2.0)
     assert not thread.is_alive()
+
+
+def test_submissions_and_calls_wake_the_idle_scheduler_thread():
+    from runtime.scheduler import SyncDevice
+
+    s = Scheduler(SyncDevice())
+    stop, thread = run_scheduler(s)
+    try:
+        ran, done = [], threading.Event()
+        t0 = time.perf_counter()
+        s.call_soon(lambda: ran.append("call"))
+        seg = ThreadSeg("m0", None)  # unknown duration: never launched by the submitting thread
+        s.submit(Task("m", [seg], deadline=INF, on_done=lambda t, e: done.set()))
+        assert done.wait(1.0) and time.perf_counter() - t0 < 0.5
+        assert ran == ["call"] and seg.thread is thread and seg.runs == 1
+    finally:
+        stop_scheduler(s, stop, thread)
+
+
+def test_an_idle_scheduler_lets_the_submitter_launch_short_segments_itself():
+    """Saves a thread wake-up per request: a segment short enough for the synchronous device runs on
+    the submitting thread, which also gets on_done; a longer one is left to the scheduler thread."""
+    from runtime.scheduler import SyncDevice
+
+    s = Scheduler(SyncDevice())
+    stop, thread = run_scheduler(s)
+    try:
+        finished: list = []
+        short = [ThreadSeg("s0", 0.05), ThreadSeg("s1", 0.05)]
+        s.submit(Task("m", short, deadline=INF, on_done=lambda t, e: finished.append(threading.current_thread())))
+        me = threading.current_thread()
+        assert [seg.thread for seg in short] == [me, me] and finished == [me]  # done before submit returned
+        long, done = ThreadSeg("l0", 5.0), threading.Event()
+        s.submit(Task("m", [long], deadline=INF, on_done=lambda t, e: done.set()))
+        assert done.wait(1.0) and long.thread is thread
+        assert s.tally["m"].completed == 2
+    finally:
+        stop_scheduler(s, stop, thread)
 
 
 def test_tally_keeps_a_bounded_window():

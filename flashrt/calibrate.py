@@ -3,7 +3,8 @@
 1. The bf16 engine runs the calibration observations eagerly, each big linear recording the largest
    activation it sees (FP8 needs these static scales; INT8 scales per token at run time). The first
    observation's action chunk, with fixed noise, is kept as the reference.
-2. Every big linear of SigLIP, the Gemma prefix and the action expert is quantized in place.
+2. Every big linear of SigLIP, the Gemma prefix and the action expert is quantized in place, except
+   those named by `calibration.keep_bf16`.
 3. After capture, the same observation and noise run through the quantized engine: the policy
    refuses to serve if the chunk's cosine to the bf16 reference is below `calibration.min_cosine`.
 
@@ -15,6 +16,7 @@ the platform; `calibration.refresh: true` recomputes them. Calibration observati
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +66,11 @@ def prepare(policy, precision: str, key_parts: dict) -> dict:
     noise = np.random.default_rng(0).normal(size=(policy.spec.action_horizon, policy.dims.action_dim)).astype(np.float32)
     key = quant.cache_key(precision=precision, **key_parts)
     cached = None if cfg.refresh else quant.load_cached(key)
-    linears = policy.model.linears()
+    keep = cfg.keep_bf16
+    linears = [lin for lin in policy.model.linears() if not any(fnmatchcase(lin[0], p) for p in keep)]
+    if not linears:
+        raise ConfigError(f"calibration.keep_bf16 {keep} keeps every projection in bf16: nothing is left to "
+                          f"quantize to {precision}")
     amax: dict[str, float] = {}
     if precision == "fp8" and cached is None:
         recorders = {name: quant.Recorder(getattr(o, w), torch.zeros(1, device=policy.device)) for name, o, w, _ in linears}

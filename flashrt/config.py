@@ -204,6 +204,8 @@ class CalibrationConfig:
     count: int = 8  # synthetic observations
     refresh: bool = False  # recompute the scales even when the cache has them
     min_cosine: float = 0.99  # refuse to serve below this cosine to bf16 on a calibration observation
+    # Projections left in bf16: fnmatch patterns over their names (`vision.3.fc1`, `vlm.*.o`, `expert.*`)
+    keep_bf16: list[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         check(1 <= self.count <= 1000, f"{where}.count", "an int in 1..1000", self.count)

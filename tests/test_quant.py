@@ -9,7 +9,7 @@ import torch
 import flashrt
 from checkpoints import write_checkpoint
 from flashrt import quant
-from flashrt.errors import AccuracyError
+from flashrt.errors import AccuracyError, ConfigError
 
 torch.manual_seed(0)
 
@@ -103,6 +103,18 @@ def test_quantized_policy_calibrates_caches_and_guards(tiny, precision):
     assert not fresh.spec.calibration["cached"]
     with pytest.raises(AccuracyError, match=rf"{precision} action chunk against bf16 .* cosine [01]\.\d{{6}} < calibration.min_cosine 1.0 \(max relative error"):
         flashrt.load({**tiny, "precision": precision, "calibration": {"count": 3, "min_cosine": 1.0}})
+
+
+def test_keep_bf16_leaves_the_named_projections_unquantized(tiny):
+    p = flashrt.load({**tiny, "precision": "fp8", "calibration": {"count": 3, "keep_bf16": ["vision.*", "expert.*.o"]}})
+    assert all(isinstance(L.qkv_w, torch.Tensor) for L in p.model.siglip.layers)
+    assert isinstance(p.model.vlm[0].o, quant.QuantWeight) and isinstance(p.model.expert[0].qkv, quant.QuantWeight)
+    assert all(isinstance(L.o, torch.Tensor) for L in p.model.expert)
+    assert p.spec.calibration["cosine"] >= 0.99
+    plain = flashrt.load({**tiny, "precision": "fp8", "calibration": {"count": 3}}).spec.calibration
+    assert plain["key"] != p.spec.calibration["key"]  # a different set of scales, cached apart
+    with pytest.raises(ConfigError, match=r"keep_bf16 \['\*'\] keeps every projection in bf16"):
+        flashrt.load({**tiny, "precision": "int8", "calibration": {"keep_bf16": ["*"]}})
 
 
 def test_changed_checkpoint_invalidates_the_cache(tiny):

@@ -22,6 +22,8 @@ import torch
 
 from .engine import Segment
 
+MIN_IMAGE_BYTES = 640 * 480 * 3  # staging buffers per camera start this large (see Slot.stage_image)
+
 
 class Slot:
     """Pinned host buffers (and, on a GPU, device buffers) for one request's inputs and its output."""
@@ -54,12 +56,16 @@ class Slot:
         a pinned source lets the upload run asynchronously."""
         host = self.images[i]
         if host is None or host.numel() < img.size:
-            host = self.images[i] = torch.empty(img.size, dtype=torch.uint8, pin_memory=self.pin)
+            # First use (the load's warm-up) or a larger image than this slot has seen. Pinning memory
+            # holds up every other thread's CUDA calls (the scheduler's launches) for milliseconds, so
+            # the buffers start at least a VGA frame large: a robot's camera frames fit from the start.
+            size = max(img.size, MIN_IMAGE_BYTES)
+            host = self.images[i] = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
             if self.pin:
-                # A larger image than this slot has seen: its device buffer grows too. The old one may
-                # still be read by an earlier job, so let the GPU drain first (rare: once per size).
-                torch.cuda.synchronize(self.device)
-                self.images_dev[i] = torch.empty(img.size, dtype=torch.uint8, device=self.device)
+                # The old device buffer may still be read by the job that used this slot before: wait
+                # for that job's inputs to be consumed (not for the whole GPU), then replace it.
+                self.consumed.synchronize()
+                self.images_dev[i] = torch.empty(size, dtype=torch.uint8, device=self.device)
         view = host[: img.size].view(img.shape)
         np.copyto(view.numpy(), img)
         return view

@@ -237,9 +237,13 @@ class Scheduler:
     def estimate_finish(self, task: Task, now: float) -> float:
         """When `task` would finish if admitted now: the work ordered before it, the segments already
         on the GPU (not preemptible), then its own segments."""
+        return now + sum(self._estimate_parts(task)) / 1e3
+
+    def _estimate_parts(self, task: Task) -> tuple[float, float, float]:
+        """(work ordered before it, segments on the GPU, its own segments), in ms."""
         ahead = sum(t.remaining_ms for _, t in self.ready if t.key() < task.key())
         on_gpu = sum(t.seg_ms(i) for _, t, i, _ in self.inflight)
-        return now + (ahead + on_gpu + task.remaining_ms) / 1e3
+        return ahead, on_gpu, task.remaining_ms
 
     def _admit(self, task: Task, now: float) -> None:
         tally = self.tally_for(task.model)
@@ -251,9 +255,12 @@ class Scheduler:
                 tally.misses += 1
                 task.finished = now
                 if task.on_done is not None:
-                    task.on_done(task, Rejected(f"model {task.model!r} cannot meet its deadline: estimated "
-                                                f"{(eta - task.release) * 1e3:.1f} ms from release, deadline "
-                                                f"{(task.deadline - task.release) * 1e3:.1f} ms"))
+                    ahead, on_gpu, own = self._estimate_parts(task)
+                    task.on_done(task, Rejected(
+                        f"model {task.model!r} cannot meet its deadline: estimated {(eta - task.release) * 1e3:.1f} ms "
+                        f"from release, deadline {(task.deadline - task.release) * 1e3:.1f} ms (decided "
+                        f"{(now - task.release) * 1e3:.1f} ms after release; {ahead:.1f} ms of other work first, "
+                        f"{on_gpu:.1f} ms on the GPU, {own:.1f} ms its own)"))
                 return
         key = (0, 0, task.seq) if self.mode == "fifo" else task.key()
         heapq.heappush(self.ready, (key, task))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -51,10 +50,6 @@ def load_model(config: ServedModelConfig, loader: Loader) -> LoadedModel:
         raise RuntimeError(f"model {config.name!r}: warm-up returned actions of shape {list(actions.shape)}, "
                            f"its spec says {list(expected)}")
     policy.reset()
-    # A loaded engine is tens of thousands of long-lived Python objects. Left in the collector's
-    # generations, every full collection walks them all, holding the GIL for ~20 ms at a moment
-    # set by allocation counts: a periodic model's release then starts late. Frozen, they are skipped.
-    gc.freeze()
     return LoadedModel(config=config, policy=policy, spec=spec,
                        required_cameras=frozenset(c.name for c in config.cameras if not c.optional),
                        load_s=time.perf_counter() - t0, loaded_at=time.time())

@@ -1,7 +1,8 @@
 """FP8 and INT8 against bf16 at full size: accuracy over 20 observations and latency, with LeRobot.
 
 For Pi0.5 (2 cameras) and Pi0 (3 cameras), random weights at full size: one bf16 policy, one FP8 and
-one INT8 (each calibrated and guarded at load, see flashrt/calibrate.py), and FP8 with SigLIP left in bf16
+one INT8 (each calibrated and guarded at load, see flashrt/calibrate.py), and two FP8 variants: one
+weight scale per output channel (`calibration.fp8_weight_scales: channel`) and SigLIP left in bf16
 (`calibration.keep_bf16: ["vision.*"]`). Accuracy: 20 random
 observations, the same noise for every precision: mean and worst cosine of the action chunk to bf16
 and the max relative error. Latency: graph replay and `infer()` p50/p95 for each precision, and
@@ -29,8 +30,10 @@ import flashrt  # noqa: E402
 from flashrt.calibrate import cosine  # noqa: E402
 
 
-# (label, precision, calibration.keep_bf16): every big projection quantized, and FP8 with SigLIP kept in bf16
-VARIANTS = [("bf16", "bf16", []), ("fp8", "fp8", []), ("fp8_vision_bf16", "fp8", ["vision.*"]), ("int8", "int8", [])]
+# (label, precision, calibration settings): FP8 with the default tensor-wide weight scales, with one
+# scale per output channel, and with SigLIP kept in bf16
+VARIANTS = [("bf16", "bf16", {}), ("fp8", "fp8", {}), ("fp8_channel_scales", "fp8", {"fp8_weight_scales": "channel"}),
+            ("fp8_vision_bf16", "fp8", {"keep_bf16": ["vision.*"]}), ("int8", "int8", {})]
 
 
 def case(kind: str, n_cams: int, lerobot: bool) -> dict:
@@ -40,16 +43,16 @@ def case(kind: str, n_cams: int, lerobot: bool) -> dict:
     base = dict(name=kind, kind=kind, checkpoint="random", random={"seed": 0, "size": "full"},
                 cameras=CAMS[:n_cams], state_dim=8, action_dim=7)
     out, chunks = {}, {}
-    for label, precision, keep in VARIANTS:
+    for label, precision, settings in VARIANTS:
         try:
-            p = flashrt.load({**base, "precision": precision, "calibration": {"refresh": True, "keep_bf16": keep}})
+            p = flashrt.load({**base, "precision": precision, "calibration": {"refresh": True, **settings}})
         except Exception as e:
             out[label] = {"error": repr(e)[-2000:]}
             continue
         chunks[label] = [p.infer(o, noise=n)["actions"] for o, n in zip(observations, noises)]
         bucket = next(b for b in p.buckets if b >= 48)
         p.infer(observations[0])
-        out[label] = {"precision": precision, "keep_bf16": keep, "first_call_s": p.first_call_s,
+        out[label] = {"precision": precision, "calibration_settings": settings, "first_call_s": p.first_call_s,
                       "calibration": p.spec.calibration,
                       "replay_ms": cuda_timed(lambda p=p: p.engine.run(bucket), 10, 100),
                       "infer_ms": wall_timed(lambda p=p: p.infer(observations[0]), 10, 100)}

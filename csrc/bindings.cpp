@@ -56,15 +56,25 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("norm",
         [](int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t y, int64_t y_stride, std::uintptr_t gate,
            std::uintptr_t scale, std::uintptr_t shift, std::uintptr_t out, int64_t out_stride, int rows, int width,
-           float eps, int residual, bool layer_norm, std::uintptr_t stream) {
+           float eps, int residual, bool layer_norm, std::uintptr_t inv_scale, std::uintptr_t stream) {
           flashrt::norm(dtype, P(x), x_stride, P(y), y_stride, P(gate), P(scale), P(shift), P(out), out_stride, rows,
-                        width, eps, residual, layer_norm, P(stream));
+                        width, eps, residual, layer_norm, reinterpret_cast<const float*>(inv_scale), P(stream));
         },
-        "Residual (none / add / gated) + RMSNorm or LayerNorm + optional scale/shift, one pass.");
+        "Residual (none / add / gated) + RMSNorm or LayerNorm + optional scale/shift, one pass; FP8 output "
+        "when inv_scale is set.");
 
   m.def("gelu_tanh_mul",
-        [](int dtype, std::uintptr_t gu, int64_t gu_stride, std::uintptr_t out, int rows, int m, std::uintptr_t stream) {
-          flashrt::gelu_tanh_mul(dtype, P(gu), gu_stride, P(out), rows, m, P(stream));
+        [](int dtype, std::uintptr_t gu, int64_t gu_stride, std::uintptr_t out, int rows, int m, std::uintptr_t inv_scale,
+           std::uintptr_t stream) {
+          flashrt::gelu_tanh_mul(dtype, P(gu), gu_stride, P(out), rows, m, reinterpret_cast<const float*>(inv_scale),
+                                 P(stream));
+        });
+
+  m.def("quantize_fp8",
+        [](int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t out, int rows, int width, std::uintptr_t inv_scale,
+           std::uintptr_t stream) {
+          flashrt::quantize_fp8(dtype, P(x), x_stride, P(out), rows, width, reinterpret_cast<const float*>(inv_scale),
+                                P(stream));
         });
 
   m.def("rope_qkv",

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -76,6 +77,23 @@ __device__ __forceinline__ void store_vec(T* p, const float (&f)[Vec<T>::N]) {
 #pragma unroll
   for (int i = 0; i < Vec<T>::N; ++i) v.e[i] = from_f<T>(f[i]);
   *reinterpret_cast<uint4*>(p) = v.u;
+}
+
+// FP8 output: the input of an FP8 GEMM, written by the kernel that produces it instead of by a
+// separate quantize pass. Each value is first rounded to T (what the unfused kernel would have
+// stored), then multiplied by the static inverse scale and converted to E4M3 with saturation to
+// +-448 (round to nearest even): exactly quant.quantize_fp8 applied to the T output. On GPUs
+// without FP8 hardware (sm_87) the conversion is emulated; FP8 GEMMs do not run there anyway.
+template <typename T>
+__device__ __forceinline__ void store_fp8(uint8_t* p, const float (&f)[Vec<T>::N], float inv_scale) {
+  constexpr int N = Vec<T>::N;
+  union { __nv_fp8x2_storage_t h[N / 2]; uint2 u2; uint32_t u1; } v;
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i)
+    v.h[i] = __nv_cvt_float2_to_fp8x2(make_float2(round_to<T>(f[2 * i]) * inv_scale, round_to<T>(f[2 * i + 1]) * inv_scale),
+                                      __NV_SATFINITE, __NV_E4M3);
+  if constexpr (N == 8) *reinterpret_cast<uint2*>(p) = v.u2;
+  else *reinterpret_cast<uint32_t*>(p) = v.u1;
 }
 
 // ---- reductions ---------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ namespace {
 // gu = [gate | up] ([rows, 2m]) directly. One 16-byte vector of gate and the matching vector of up
 // per thread; blockIdx.y is the row, so no division per element. gelu_tanh as PyTorch writes it:
 // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in fp32 with one rounding of the product.
-// Bytes: read 2m, write m elements per row.
+// Bytes: read 2m, write m elements per row (m bytes when written as FP8 for the down projection,
+// see store_fp8).
 // ------------------------------------------------------------------------------------------------
 __device__ __forceinline__ float gelu_tanh(float x) {
   constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
@@ -22,7 +23,8 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 template <typename T>
-__global__ void gelu_tanh_mul_kernel(const T* __restrict__ gu, int64_t gu_stride, T* __restrict__ out, int m) {
+__global__ void gelu_tanh_mul_kernel(const T* __restrict__ gu, int64_t gu_stride, T* __restrict__ out, int m,
+                                     const float* __restrict__ inv_scale) {
   constexpr int N = Vec<T>::N;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;  // vector index within the row
   if (c * N >= m) return;
@@ -33,7 +35,24 @@ __global__ void gelu_tanh_mul_kernel(const T* __restrict__ gu, int64_t gu_stride
   load_vec_ro(g + m, b);
 #pragma unroll
   for (int i = 0; i < N; ++i) o[i] = gelu_tanh(a[i]) * b[i];
-  store_vec(out + row * (int64_t)m + c * N, o);
+  if (inv_scale != nullptr) store_fp8<T>(reinterpret_cast<uint8_t*>(out) + row * (int64_t)m + c * N, o, *inv_scale);
+  else store_vec(out + row * (int64_t)m + c * N, o);
+}
+
+// ------------------------------------------------------------------------------------------------
+// FP8 quantization of rows no fused producer writes (the attention output before the o
+// projection): out8[t, j] = e4m3(x[t, j] * *inv_scale), saturating. One 16-byte vector per thread.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void quantize_fp8_kernel(const T* __restrict__ x, int64_t x_stride, uint8_t* __restrict__ out,
+                                    int width, const float* __restrict__ inv_scale) {
+  constexpr int N = Vec<T>::N;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c * N >= width) return;
+  const int64_t row = blockIdx.y;
+  float v[N];
+  load_vec_ro(x + row * x_stride + c * N, v);
+  store_fp8<T>(out + row * (int64_t)width + c * N, v, *inv_scale);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -181,8 +200,10 @@ void dispatch(int dtype, const char* what, F&& f) {
 
 }  // namespace
 
-void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int rows, int m, void* stream) {
+void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int rows, int m, const float* inv_scale,
+                   void* stream) {
   require(m % (dtype == kFloat32 ? 4 : 8) == 0, "gelu_tanh_mul", "m must be a multiple of 16 bytes");
+  require(inv_scale == nullptr || dtype != kFloat32, "gelu_tanh_mul", "FP8 output is for bf16/fp16 models");
   if (rows == 0 || m == 0) return;
   dispatch(dtype, "gelu_tanh_mul", [&](auto tag) {
     using T = decltype(tag);
@@ -190,9 +211,24 @@ void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int 
     const int nvec = m / Vec<T>::N;
     dim3 grid((nvec + threads - 1) / threads, rows);
     gelu_tanh_mul_kernel<T><<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(gu), gu_stride, static_cast<T*>(out), m);
+        static_cast<const T*>(gu), gu_stride, static_cast<T*>(out), m, inv_scale);
   });
   check_launch("gelu_tanh_mul");
+}
+
+void quantize_fp8(int dtype, const void* x, int64_t x_stride, void* out, int rows, int width, const float* inv_scale,
+                  void* stream) {
+  require(dtype != kFloat32, "quantize_fp8", "FP8 output is for bf16/fp16 models");
+  require(width % 8 == 0, "quantize_fp8", "width must be a multiple of 8");
+  if (rows == 0) return;
+  dispatch(dtype, "quantize_fp8", [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int threads = 256;
+    dim3 grid((width / Vec<T>::N + threads - 1) / threads, rows);
+    quantize_fp8_kernel<T><<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(x), x_stride, static_cast<uint8_t*>(out), width, inv_scale);
+  });
+  check_launch("quantize_fp8");
 }
 
 void rope_qkv(int dtype, const void* qkv, int64_t qkv_stride, const void* cos, int64_t cos_stride,

@@ -18,13 +18,20 @@ enum ResidualMode : int { kResNone = 0, kResAdd = 1, kResGated = 2 };
 //   affine:   out = norm * scale + shift (scale/shift [width]; null = no affine).
 // Statistics in fp32 over the residual after it was rounded to the dtype (what the in-place add
 // leaves in x), one rounding of the output.
+// FP8 output (bf16/fp16 only): with inv_scale (a device float) set, out holds one byte per element,
+// e4m3(round_to_dtype(out) * *inv_scale) saturated to +-448: the input of an FP8 projection.
 void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride, const void* gate,
           const void* scale, const void* shift, void* out, int64_t out_stride, int rows, int width,
-          float eps, int residual, bool layer_norm, void* stream);
+          float eps, int residual, bool layer_norm, const float* inv_scale, void* stream);
 
 // GeGLU: out[t, j] = gelu_tanh(gu[t, j]) * gu[t, m + j]; gu [rows, 2m] (row stride gu_stride),
-// out [rows, m] contiguous.
-void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int rows, int m, void* stream);
+// out [rows, m] contiguous; FP8 output with inv_scale as for norm.
+void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int rows, int m, const float* inv_scale,
+                   void* stream);
+
+// out8[t, j] = e4m3(x[t, j] * *inv_scale), saturated; x [rows, width] bf16/fp16, out8 contiguous.
+void quantize_fp8(int dtype, const void* x, int64_t x_stride, void* out8, int rows, int width, const float* inv_scale,
+                  void* stream);
 
 // Rotary embedding of a fused QKV row [(heads + 2) * d] with one KV head:
 //   rope(x)[i] = x[i] * cos[i] + x[(i + d/2) % d] * sin[i]   (sin = [-sin | sin], split-half)

@@ -6,7 +6,9 @@
 // per thread), the residual is added and rounded to the dtype exactly as PyTorch's in-place add
 // would leave it, written back to x, and the statistics are reduced over the block in fp32 (warp
 // shuffles, then one value per warp through shared memory). The normalized row, with the optional
-// per-column scale/shift, is written with one rounding.
+// per-column scale/shift, is written with one rounding; or, with `inv_scale` set, as FP8 E4M3
+// scaled by *inv_scale (the static input scale of the FP8 projection that reads it), so the
+// quantization costs no launch of its own.
 //
 // Bytes per row: read x (+ y, + gate/scale/shift rows, which stay in L1/L2 across rows), write x
 // (residual modes) and out. For a Gemma-2B prefix row of 2048 bf16 that is 4 KB in, 8 KB out.
@@ -21,7 +23,7 @@ template <typename T, int VPT, int RES, bool LN, bool AFFINE>
 __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __restrict__ y, int64_t y_stride,
                             const T* __restrict__ gate, const T* __restrict__ scale,
                             const T* __restrict__ shift, T* __restrict__ out, int64_t out_stride,
-                            int width, float eps) {
+                            int width, float eps, const float* __restrict__ inv_scale) {
   constexpr int N = Vec<T>::N;
   __shared__ float scratch[33];
   const int64_t row = blockIdx.x;
@@ -80,8 +82,10 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
     rstd = rsqrtf(block_sum(s1, scratch) / width + eps);
   }
 
-  // 3. normalize, optional per-column affine, one rounding on store.
+  // 3. normalize, optional per-column affine, one rounding on store (to T, or T then FP8).
   T* outr = out + row * out_stride;
+  uint8_t* out8 = reinterpret_cast<uint8_t*>(out) + row * out_stride;  // FP8 rows: one byte per element
+  const float inv = inv_scale != nullptr ? *inv_scale : 0.f;
 #pragma unroll
   for (int j = 0; j < VPT; ++j) {
     const int c = threadIdx.x + j * blockDim.x;
@@ -96,7 +100,8 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
 #pragma unroll
         for (int i = 0; i < N; ++i) o[i] = fmaf(o[i], sc[i], sh[i]);
       }
-      store_vec(outr + c * N, o);
+      if (inv_scale != nullptr) store_fp8<T>(out8 + c * N, o, inv);
+      else store_vec(outr + c * N, o);
     }
   }
 }
@@ -104,25 +109,25 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
 template <typename T, int RES, bool LN, bool AFFINE>
 void launch_norm(T* x, int64_t x_stride, const T* y, int64_t y_stride, const T* gate, const T* scale,
                  const T* shift, T* out, int64_t out_stride, int rows, int width, float eps,
-                 cudaStream_t stream) {
+                 const float* inv_scale, cudaStream_t stream) {
   constexpr int N = Vec<T>::N;
   const int nvec = width / N;
   // One vector per thread up to 1024 vectors (8192 bf16), four beyond that (32768 bf16).
   if (nvec <= 1024) {
     const int threads = ((nvec + 31) / 32) * 32;
     norm_kernel<T, 1, RES, LN, AFFINE><<<rows, threads, 0, stream>>>(
-        x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, width, eps);
+        x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, width, eps, inv_scale);
   } else {
     const int threads = (((nvec + 3) / 4 + 31) / 32) * 32;
     norm_kernel<T, 4, RES, LN, AFFINE><<<rows, threads, 0, stream>>>(
-        x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, width, eps);
+        x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, width, eps, inv_scale);
   }
 }
 
 template <typename T>
 void norm_t(void* x, int64_t x_stride, const void* y, int64_t y_stride, const void* gate, const void* scale,
             const void* shift, void* out, int64_t out_stride, int rows, int width, float eps, int residual,
-            bool layer_norm, cudaStream_t stream) {
+            bool layer_norm, const float* inv_scale, cudaStream_t stream) {
   auto X = static_cast<T*>(x);
   auto Y = static_cast<const T*>(y);
   auto G = static_cast<const T*>(gate);
@@ -135,21 +140,21 @@ void norm_t(void* x, int64_t x_stride, const void* y, int64_t y_stride, const vo
     require(affine, "norm", "layer_norm needs weight and bias");
     require(residual != kResGated, "norm", "gated residual is not used with layer_norm");
     if (residual == kResNone)
-      launch_norm<T, kResNone, true, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, stream);
+      launch_norm<T, kResNone, true, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
     else
-      launch_norm<T, kResAdd, true, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, stream);
+      launch_norm<T, kResAdd, true, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
   } else if (affine) {  // adaRMSNorm
     if (residual == kResNone)
-      launch_norm<T, kResNone, false, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, stream);
+      launch_norm<T, kResNone, false, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
     else if (residual == kResGated)
-      launch_norm<T, kResGated, false, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, stream);
+      launch_norm<T, kResGated, false, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
     else
       require(false, "norm", "adaRMSNorm takes the gated residual");
   } else {  // plain RMSNorm, (1 + w) folded into the next projection
     if (residual == kResNone)
-      launch_norm<T, kResNone, false, false>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, stream);
+      launch_norm<T, kResNone, false, false>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
     else if (residual == kResAdd)
-      launch_norm<T, kResAdd, false, false>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, stream);
+      launch_norm<T, kResAdd, false, false>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
     else
       require(false, "norm", "RMSNorm takes the plain residual");
   }
@@ -159,17 +164,18 @@ void norm_t(void* x, int64_t x_stride, const void* y, int64_t y_stride, const vo
 
 void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride, const void* gate,
           const void* scale, const void* shift, void* out, int64_t out_stride, int rows, int width,
-          float eps, int residual, bool layer_norm, void* stream) {
+          float eps, int residual, bool layer_norm, const float* inv_scale, void* stream) {
   const int vec = dtype == kFloat32 ? 4 : 8;
   require(width > 0 && width % vec == 0 && width / vec <= 4096, "norm", "width must be a positive multiple of 16 bytes, at most 4096 vectors");
   require(residual != kResGated || gate != nullptr, "norm", "gated residual needs gate");
   require((scale == nullptr) == (shift == nullptr), "norm", "scale and shift go together");
+  require(inv_scale == nullptr || dtype != kFloat32, "norm", "FP8 output is for bf16/fp16 models");
   if (rows == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case kFloat32: norm_t<float>(x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, s); break;
-    case kFloat16: norm_t<__half>(x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, s); break;
-    case kBFloat16: norm_t<__nv_bfloat16>(x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, s); break;
+    case kFloat32: norm_t<float>(x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
+    case kFloat16: norm_t<__half>(x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
+    case kBFloat16: norm_t<__nv_bfloat16>(x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
     default: require(false, "norm", "unsupported dtype");
   }
   check_launch("norm");

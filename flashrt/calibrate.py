@@ -94,7 +94,8 @@ def prepare(policy, precision: str, key_parts: dict) -> dict:
                             "set calibration.refresh: true")
     path = quant.store(key, {"precision": precision, "amax": amax, "key": key_parts}) if cached is None else None
     for name, o, w, b in linears:
-        qw = quant.QuantWeight.make(getattr(o, w), getattr(o, b) if b else None, precision, amax.get(name))
+        qw = quant.QuantWeight.make(getattr(o, w), getattr(o, b) if b else None, precision, amax.get(name),
+                                    per_channel=cfg.fp8_weight_scales == "channel")
         setattr(o, w, qw)
         if b:
             setattr(o, b, None)

@@ -206,8 +206,13 @@ class CalibrationConfig:
     min_cosine: float = 0.99  # refuse to serve below this cosine to bf16 on a calibration observation
     # Projections left in bf16: fnmatch patterns over their names (`vision.3.fc1`, `vlm.*.o`, `expert.*`)
     keep_bf16: list[str] = field(default_factory=list)
+    # FP8 weight scales: one per tensor (cuBLASLt's FP8 GEMM, bias fused) or one per output channel
+    # (a row-wise-scaled GEMM, slower at batch 1)
+    fp8_weight_scales: str = "tensor"
 
     def validate(self, where: str) -> None:
+        check(self.fp8_weight_scales in ("tensor", "channel"), f"{where}.fp8_weight_scales", "'tensor' or 'channel'",
+              self.fp8_weight_scales)
         check(1 <= self.count <= 1000, f"{where}.count", "an int in 1..1000", self.count)
         check(0.0 <= self.min_cosine <= 1.0, f"{where}.min_cosine", "a number in [0, 1]", self.min_cosine)
 

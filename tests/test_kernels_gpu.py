@@ -120,6 +120,49 @@ def test_norm(gpu_and_poison, op, rows, width, strided, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# FP8 output for FP8 projections: norms and GeGLU write it themselves, quantize_fp8 for the rest
+
+FP8_CASES = [  # (op, rows, width): the input widths of Pi0.5's FP8 projections
+    ("rms_norm", 712, 2048), ("add_rms_norm", 712, 2048), ("ada_rms_norm", 50, 1024),
+    ("add_ada_rms_norm", 50, 1024), ("layer_norm", 512, 1152), ("add_layer_norm", 512, 1152),
+    ("gelu_tanh_mul", 50, 4096), ("gelu_tanh_mul", 712, 16384), ("quantize_fp8", 400, 2048),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op,rows,width", FP8_CASES, ids=lambda v: str(v))
+def test_fp8_output(gpu_and_poison, op, rows, width, dtype):
+    """The fused FP8 output is exactly quant.quantize_fp8 of the kernel's own model-dtype output
+    (saturating: the scale makes some values clip), and the residual update is unchanged."""
+    from flashrt.quant import FP8, quantize_fp8
+
+    seed = gpu_and_poison
+    x0 = randn(rows, 2 * width if op == "gelu_tanh_mul" else width, dtype=dtype, scale=3.0)
+    y = randn(rows, width, dtype=dtype)
+    scale, shift, gate = randn(width, dtype=dtype, scale=0.1, shift=1.0), randn(width, dtype=dtype, scale=0.1), \
+        randn(width, dtype=dtype, scale=0.5)
+    args = {"rms_norm": (EPS,), "add_rms_norm": (y, EPS), "ada_rms_norm": (scale, shift, EPS),
+            "add_ada_rms_norm": (y, gate, scale, shift, EPS), "layer_norm": (scale, shift, EPS),
+            "add_layer_norm": (y, scale, shift, EPS), "gelu_tanh_mul": (), "quantize_fp8": ()}[op]
+    inv = torch.tensor([448.0 / 2.5], device=DEV)  # |values| beyond 2.5 saturate
+    x_plain, x_fused, x_ref = x0.clone(), x0.clone(), x0.clone()
+    if op == "quantize_fp8":
+        plain, got, ref = x0, native.quantize_fp8(x0, inv), torch_ops.quantize_fp8(x0, inv)
+    else:
+        plain = getattr(native, op)(x_plain, *args)
+        got = getattr(native, op)(x_fused, *args, quant=inv)
+        ref = getattr(torch_ops, op)(x_ref, *args, quant=inv)
+    assert got.dtype == FP8 and got.shape == plain.shape
+    assert not torch.isnan(got.float()).any(), f"{op}: unwritten FP8 elements [seed {seed}]"
+    want = quantize_fp8(plain, inv)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), f"{op}: FP8 bytes differ [seed {seed}]"
+    assert (got.float().abs() == 448).float().mean() > 0.001, f"{op}: nothing saturated [seed {seed}]"
+    same = (got.view(torch.uint8) == ref.view(torch.uint8)).float().mean()
+    assert same > 0.98, f"{op}: only {same:.3f} of the bytes equal the torch reference's [seed {seed}]"
+    assert torch.equal(x_fused, x_plain), f"{op}: the residual update changed [seed {seed}]"
+
+
+# ---------------------------------------------------------------------------------------------
 # GeGLU
 
 

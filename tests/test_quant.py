@@ -43,16 +43,26 @@ def test_per_token_int8():
     assert ((q.float() * s - x).abs() <= s / 2 + 1e-6).all()
 
 
-@pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("fp8", 0.06)])
+def test_fp8_weights_per_tensor():
+    w = torch.randn(32, 64) * 3
+    q, s = quant.quantize_weight(w, "fp8", per_channel=False)
+    assert s.shape == (1,) and float(s) == pytest.approx(float(w.abs().max()) / 448)
+    assert float(q.float().abs().max()) == 448  # the largest weight uses the full range
+
+
+@pytest.mark.parametrize("kind,per_channel,tol", [("int8", True, 0.02), ("fp8", True, 0.06), ("fp8", False, 0.06)])
 @pytest.mark.parametrize("rows", [1, 7, 50])  # int8 pads fewer than 17 rows for torch._int_mm
-def test_quantized_linear_close_to_float(kind, tol, rows):
+def test_quantized_linear_close_to_float(kind, per_channel, tol, rows):
     w, b = torch.randn(48, 64) / 8, torch.randn(48)
     x = torch.randn(rows, 64)
-    qw = quant.QuantWeight.make(w, b, kind, float(x.abs().max()) if kind == "fp8" else None)
+    qw = quant.QuantWeight.make(w, b, kind, float(x.abs().max()) if kind == "fp8" else None, per_channel=per_channel)
+    assert qw.w_scale.shape == ((1, 48) if per_channel else ())
     out = quant.linear(x, qw)
     ref = torch.nn.functional.linear(x, w, b)
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert ((out - ref).norm() / ref.norm()) < tol
+    if kind == "fp8":  # an input its producer already quantized gives the same result
+        torch.testing.assert_close(quant.linear(quant.quantize_fp8(x, qw.inv_act_scale), qw), out)
 
 
 def test_recorder_tracks_amax_without_changing_results():
@@ -103,6 +113,14 @@ def test_quantized_policy_calibrates_caches_and_guards(tiny, precision):
     assert not fresh.spec.calibration["cached"]
     with pytest.raises(AccuracyError, match=rf"{precision} action chunk against bf16 .* cosine [01]\.\d{{6}} < calibration.min_cosine 1.0 \(max relative error"):
         flashrt.load({**tiny, "precision": precision, "calibration": {"count": 3, "min_cosine": 1.0}})
+
+
+def test_fp8_weight_scales_setting(tiny):
+    p = flashrt.load({**tiny, "precision": "fp8", "calibration": {"count": 3, "fp8_weight_scales": "channel"}})
+    assert p.model.vlm[0].qkv.w_scale.dim() == 2 and p.spec.calibration["cosine"] >= 0.99
+    assert flashrt.load({**tiny, "precision": "fp8", "calibration": {"count": 3}}).model.vlm[0].qkv.w_scale.dim() == 0
+    with pytest.raises(ConfigError, match=r"calibration.fp8_weight_scales: expected 'tensor' or 'channel', got 'row'"):
+        flashrt.load({**tiny, "precision": "fp8", "calibration": {"fp8_weight_scales": "row"}})
 
 
 def test_keep_bf16_leaves_the_named_projections_unquantized(tiny):

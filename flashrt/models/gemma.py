@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..quant import linear
+from ..quant import fp8_input, linear, quantized_linear
 
 from .layout import GemmaDims
 
@@ -92,14 +92,19 @@ class Modulation:
     gate: Tensor
 
 
-def _norm(ops, x: Tensor, mod: Modulation | None, j: int) -> Tensor:
-    return ops.rms_norm(x, EPS) if mod is None else ops.ada_rms_norm(x, mod.scale1p[j], mod.shift[j], EPS)
-
-
-def _add_norm(ops, x: Tensor, y: Tensor, mod: Modulation | None, gate_row: int, j: int) -> Tensor:
+# `quant`: the inverse input scale of the FP8 projection that reads the output (None: bf16 out).
+def _norm(ops, x: Tensor, mod: Modulation | None, j: int, quant: Tensor | None) -> Tensor:
     if mod is None:
-        return ops.add_rms_norm(x, y, EPS)
-    return ops.add_ada_rms_norm(x, y, mod.gate[gate_row], mod.scale1p[j], mod.shift[j], EPS)
+        return ops.rms_norm(x, EPS, quant)
+    return ops.ada_rms_norm(x, mod.scale1p[j], mod.shift[j], EPS, quant)
+
+
+def _add_norm(ops, x: Tensor, y: Tensor, mod: Modulation | None, gate_row: int, j: int,
+              quant: Tensor | None) -> Tensor:
+    if mod is None:
+        return ops.add_rms_norm(x, y, EPS, quant)
+    return ops.add_ada_rms_norm(x, y, mod.gate[gate_row], mod.scale1p[j], mod.shift[j], EPS, quant)
+
 
 
 def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: Tensor, sin: Tensor,
@@ -114,7 +119,7 @@ def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: T
     those layers (a segment of the stack): the residual stream x carries over between spans.
     """
     span = span if span is not None else range(len(layers))
-    h = _norm(ops, x, mod, 2 * span.start)
+    h = _norm(ops, x, mod, 2 * span.start, fp8_input(layers[span.start].qkv))
     last = len(layers) - 1
     for i in span:
         L = layers[i]
@@ -122,7 +127,10 @@ def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: T
         a = window.attend(ops, q, k_cache[i], v_cache[i])
         if kv_only and i == last:
             return None
-        h = _add_norm(ops, x, linear(a, L.o), mod, 2 * i, 2 * i + 1)
-        d = linear(ops.gelu_tanh_mul(linear(h, L.gate_up)), L.down)
-        h = _add_norm(ops, x, d, mod, 2 * i + 1, 2 * i + 2)
+        h = _add_norm(ops, x, quantized_linear(ops, a, L.o), mod, 2 * i, 2 * i + 1, fp8_input(L.gate_up))
+        d = linear(ops.gelu_tanh_mul(linear(h, L.gate_up), fp8_input(L.down)), L.down)
+        # The next layer's QKV reads this norm; the stack's last output (or a span's, which the
+        # next span renormalizes) stays in the model dtype.
+        nxt = fp8_input(layers[i + 1].qkv) if i + 1 in span else None
+        h = _add_norm(ops, x, d, mod, 2 * i + 1, 2 * i + 2, nxt)
     return h

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..quant import linear
+from ..quant import fp8_input, linear, quantized_linear
 from .layout import PROJ, V, VisionDims
 
 EPS = 1e-6
@@ -67,12 +67,14 @@ class Siglip:
         patches = images.view(c, 3, g, d.patch, g, d.patch).permute(0, 2, 4, 1, 3, 5).reshape(c * g * g, -1)
         x = F.linear(patches, self.patch_w).view(c, g * g, d.width).add_(self.pos).view(c * g * g, d.width)
         hd = d.width // d.heads
-        h = ops.layer_norm(x, self.layers[0].ln1_w, self.layers[0].ln1_b, EPS)
+        # (a norm feeding an FP8 projection writes its FP8 input: `quant`, see ops.torch_ops)
+        h = ops.layer_norm(x, self.layers[0].ln1_w, self.layers[0].ln1_b, EPS, fp8_input(self.layers[0].qkv_w))
         for i, L in enumerate(self.layers):
             qkv = linear(h, L.qkv_w, L.qkv_b).view(c, g * g, 3, d.heads, hd)
             a = ops.attention_mha(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-            h = ops.add_layer_norm(x, linear(a, L.o_w, L.o_b), L.ln2_w, L.ln2_b, EPS)
-            m = linear(F.gelu(linear(h, L.fc1_w, L.fc1_b), approximate="tanh"), L.fc2_w, L.fc2_b)
+            h = ops.add_layer_norm(x, quantized_linear(ops, a, L.o_w, L.o_b), L.ln2_w, L.ln2_b, EPS, fp8_input(L.fc1_w))
+            m = quantized_linear(ops, F.gelu(linear(h, L.fc1_w, L.fc1_b), approximate="tanh"), L.fc2_w, L.fc2_b)
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            h = ops.add_layer_norm(x, m, nxt.ln1_w if nxt else self.post_w, nxt.ln1_b if nxt else self.post_b, EPS)
+            h = ops.add_layer_norm(x, m, nxt.ln1_w if nxt else self.post_w, nxt.ln1_b if nxt else self.post_b, EPS,
+                                   fp8_input(nxt.qkv_w) if nxt else None)
         torch.addmm(self.proj_b, h, self.proj_w.t(), out=out)

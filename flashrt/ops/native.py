@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - exercised by the CPU test suite withou
     _kernels = None
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FP8 = torch.float8_e4m3fn
 _RES_NONE, _RES_ADD, _RES_GATED = 0, 1, 2
 HEAD_DIM = 256  # the split-K attention kernel's head dim
 # Split-K attention launch shape (swept with benchmarks/kernels.py on the H100: 4 warps per CTA
@@ -90,71 +91,87 @@ def _vector_ok(t: Tensor, n: int, dtype: torch.dtype) -> bool:
 
 
 def _norm(x: Tensor, y: Tensor | None, gate: Tensor | None, scale: Tensor | None, shift: Tensor | None,
-          eps: float, residual: int, layer_norm: bool) -> Tensor:
-    out = _empty(x.shape, x.dtype, x.device)
+          eps: float, residual: int, layer_norm: bool, quant: Tensor | None) -> Tensor:
+    out = _empty(x.shape, x.dtype if quant is None else FP8, x.device)
     _kernels.norm(_CODES[x.dtype], x.data_ptr(), x.stride(0), 0 if y is None else y.data_ptr(),
                   0 if y is None else y.stride(0), 0 if gate is None else gate.data_ptr(),
                   0 if scale is None else scale.data_ptr(), 0 if shift is None else shift.data_ptr(),
                   out.data_ptr(), out.stride(0), x.shape[0], x.shape[1], float(eps), residual, layer_norm,
-                  _stream(x))
+                  0 if quant is None else quant.data_ptr(), _stream(x))
     return out
 
 
-def _norm_args_ok(x: Tensor, y: Tensor | None = None, *vectors: Tensor) -> bool:
-    if not _rows_ok(x) or x.shape[1] == 0 or x.shape[1] // _vec(x) > 4096:
+def _quant_ok(x: Tensor, quant: Tensor | None) -> bool:
+    """FP8 output: bf16/fp16 input, the inverse scale a float32 [1] tensor on the same GPU."""
+    return quant is None or (x.dtype in (torch.bfloat16, torch.float16) and quant.dtype == torch.float32
+                             and quant.numel() == 1 and quant.device == x.device)
+
+
+def _norm_args_ok(x: Tensor, y: Tensor | None = None, *vectors: Tensor, quant: Tensor | None = None) -> bool:
+    if not _rows_ok(x) or x.shape[1] == 0 or x.shape[1] // _vec(x) > 4096 or not _quant_ok(x, quant):
         return False
     if y is not None and (not _rows_ok(y, x.dtype) or y.shape != x.shape or y.device != x.device):
         return False
     return all(_vector_ok(v, x.shape[1], x.dtype) and v.device == x.device for v in vectors)
 
 
-def rms_norm(x: Tensor, eps: float) -> Tensor:
-    if not _norm_args_ok(x):
-        return torch_ops.rms_norm(x, eps)
-    return _norm(x, None, None, None, None, eps, _RES_NONE, False)
+def rms_norm(x: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
+    if not _norm_args_ok(x, quant=quant):
+        return torch_ops.rms_norm(x, eps, quant)
+    return _norm(x, None, None, None, None, eps, _RES_NONE, False, quant)
 
 
-def add_rms_norm(x: Tensor, y: Tensor, eps: float) -> Tensor:
-    if not _norm_args_ok(x, y):
-        return torch_ops.add_rms_norm(x, y, eps)
-    return _norm(x, y, None, None, None, eps, _RES_ADD, False)
+def add_rms_norm(x: Tensor, y: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
+    if not _norm_args_ok(x, y, quant=quant):
+        return torch_ops.add_rms_norm(x, y, eps, quant)
+    return _norm(x, y, None, None, None, eps, _RES_ADD, False, quant)
 
 
-def ada_rms_norm(x: Tensor, scale1p: Tensor, shift: Tensor, eps: float) -> Tensor:
-    if not _norm_args_ok(x, None, scale1p, shift):
-        return torch_ops.ada_rms_norm(x, scale1p, shift, eps)
-    return _norm(x, None, None, scale1p, shift, eps, _RES_NONE, False)
+def ada_rms_norm(x: Tensor, scale1p: Tensor, shift: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
+    if not _norm_args_ok(x, None, scale1p, shift, quant=quant):
+        return torch_ops.ada_rms_norm(x, scale1p, shift, eps, quant)
+    return _norm(x, None, None, scale1p, shift, eps, _RES_NONE, False, quant)
 
 
-def add_ada_rms_norm(x: Tensor, y: Tensor, gate: Tensor, scale1p: Tensor, shift: Tensor, eps: float) -> Tensor:
-    if not _norm_args_ok(x, y, gate, scale1p, shift):
-        return torch_ops.add_ada_rms_norm(x, y, gate, scale1p, shift, eps)
-    return _norm(x, y, gate, scale1p, shift, eps, _RES_GATED, False)
+def add_ada_rms_norm(x: Tensor, y: Tensor, gate: Tensor, scale1p: Tensor, shift: Tensor, eps: float,
+                     quant: Tensor | None = None) -> Tensor:
+    if not _norm_args_ok(x, y, gate, scale1p, shift, quant=quant):
+        return torch_ops.add_ada_rms_norm(x, y, gate, scale1p, shift, eps, quant)
+    return _norm(x, y, gate, scale1p, shift, eps, _RES_GATED, False, quant)
 
 
-def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
-    if w is None or b is None or not _norm_args_ok(x, None, w, b):
-        return torch_ops.layer_norm(x, w, b, eps)
-    return _norm(x, None, None, w, b, eps, _RES_NONE, True)
+def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
+    if w is None or b is None or not _norm_args_ok(x, None, w, b, quant=quant):
+        return torch_ops.layer_norm(x, w, b, eps, quant)
+    return _norm(x, None, None, w, b, eps, _RES_NONE, True, quant)
 
 
-def add_layer_norm(x: Tensor, y: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
-    if w is None or b is None or not _norm_args_ok(x, y, w, b):
-        return torch_ops.add_layer_norm(x, y, w, b, eps)
-    return _norm(x, y, None, w, b, eps, _RES_ADD, True)
+def add_layer_norm(x: Tensor, y: Tensor, w: Tensor, b: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
+    if w is None or b is None or not _norm_args_ok(x, y, w, b, quant=quant):
+        return torch_ops.add_layer_norm(x, y, w, b, eps, quant)
+    return _norm(x, y, None, w, b, eps, _RES_ADD, True, quant)
 
 
 # ---------------------------------------------------------------------------------------------
 # GeGLU, RoPE + KV-cache write, Euler update
 
 
-def gelu_tanh_mul(gate_up: Tensor) -> Tensor:
-    if not _rows_ok(gate_up) or gate_up.shape[1] % (2 * _vec(gate_up)) != 0:
-        return torch_ops.gelu_tanh_mul(gate_up)
+def gelu_tanh_mul(gate_up: Tensor, quant: Tensor | None = None) -> Tensor:
+    if not _rows_ok(gate_up) or gate_up.shape[1] % (2 * _vec(gate_up)) != 0 or not _quant_ok(gate_up, quant):
+        return torch_ops.gelu_tanh_mul(gate_up, quant)
     t, m = gate_up.shape[0], gate_up.shape[1] // 2
-    out = _empty((t, m), gate_up.dtype, gate_up.device)
+    out = _empty((t, m), gate_up.dtype if quant is None else FP8, gate_up.device)
     _kernels.gelu_tanh_mul(_CODES[gate_up.dtype], gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), t, m,
-                           _stream(gate_up))
+                           0 if quant is None else quant.data_ptr(), _stream(gate_up))
+    return out
+
+
+def quantize_fp8(x: Tensor, inv_scale: Tensor) -> Tensor:
+    if not _rows_ok(x) or not _quant_ok(x, inv_scale) or x.shape[1] % 8 != 0:
+        return torch_ops.quantize_fp8(x, inv_scale)
+    out = _empty(x.shape, FP8, x.device)
+    _kernels.quantize_fp8(_CODES[x.dtype], x.data_ptr(), x.stride(0), out.data_ptr(), x.shape[0], x.shape[1],
+                          inv_scale.data_ptr(), _stream(x))
     return out
 
 
@@ -319,7 +336,7 @@ def native_ops(platform) -> dict:
         "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "ada_rms_norm": ada_rms_norm,
         "add_ada_rms_norm": add_ada_rms_norm, "layer_norm": layer_norm, "add_layer_norm": add_layer_norm,
         "gelu_tanh_mul": gelu_tanh_mul, "rope_qkv": rope_qkv, "linear_accumulate": linear_accumulate,
-        "images_to_model": images_to_model,
+        "images_to_model": images_to_model, "quantize_fp8": quantize_fp8,
     }
     if rows > 0:
         ops["attention_flash_varlen"] = make_attention_flash_varlen(rows)

@@ -5,7 +5,9 @@ path used on the CPU and wherever `flashrt._kernels` is not built. Each one is w
 kernels, since at batch 1 the launch count, not the arithmetic, sets the time.
 
 Conventions: activations are 2-D [tokens, width] in the model dtype; norms compute their statistics
-in float32; residual streams are updated in place.
+in float32; residual streams are updated in place. The norms and GeGLU take `quant`: when an FP8
+projection reads their output, its static inverse input scale ([1] float32), and they return the
+FP8 input of that projection instead (the native kernels write it in the same pass).
 """
 
 from __future__ import annotations
@@ -14,43 +16,50 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..quant import quantize_fp8
 
-def rms_norm(x: Tensor, eps: float) -> Tensor:
+
+def _out(y: Tensor, quant: Tensor | None) -> Tensor:
+    return y if quant is None else quantize_fp8(y, quant)
+
+
+def rms_norm(x: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
     """x * rsqrt(mean(x^2) + eps). Gemma's (1 + w) scale is folded into the next projection."""
-    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+    return _out(F.rms_norm(x, (x.shape[-1],), eps=eps), quant)
 
 
-def add_rms_norm(x: Tensor, y: Tensor, eps: float) -> Tensor:
+def add_rms_norm(x: Tensor, y: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
     """x += y (in place); return rms_norm(x)."""
     x.add_(y)
-    return rms_norm(x, eps)
+    return rms_norm(x, eps, quant)
 
 
-def ada_rms_norm(x: Tensor, scale1p: Tensor, shift: Tensor, eps: float) -> Tensor:
+def ada_rms_norm(x: Tensor, scale1p: Tensor, shift: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
     """Pi0.5 adaRMSNorm: rms_norm(x) * (1 + scale) + shift, with (1 + scale) precomputed."""
-    return torch.addcmul(shift, rms_norm(x, eps), scale1p)
+    return _out(torch.addcmul(shift, rms_norm(x, eps), scale1p), quant)
 
 
-def add_ada_rms_norm(x: Tensor, y: Tensor, gate: Tensor, scale1p: Tensor, shift: Tensor, eps: float) -> Tensor:
+def add_ada_rms_norm(x: Tensor, y: Tensor, gate: Tensor, scale1p: Tensor, shift: Tensor, eps: float,
+                     quant: Tensor | None = None) -> Tensor:
     """Pi0.5 gated residual then adaRMSNorm: x += gate * y (in place); return ada_rms_norm(x)."""
     x.addcmul_(y, gate)
-    return ada_rms_norm(x, scale1p, shift, eps)
+    return ada_rms_norm(x, scale1p, shift, eps, quant)
 
 
-def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+def layer_norm(x: Tensor, w: Tensor, b: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
+    return _out(F.layer_norm(x, (x.shape[-1],), w, b, eps), quant)
 
 
-def add_layer_norm(x: Tensor, y: Tensor, w: Tensor, b: Tensor, eps: float) -> Tensor:
+def add_layer_norm(x: Tensor, y: Tensor, w: Tensor, b: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
     """SigLIP residual then LayerNorm: x += y (in place); return layer_norm(x)."""
     x.add_(y)
-    return layer_norm(x, w, b, eps)
+    return layer_norm(x, w, b, eps, quant)
 
 
-def gelu_tanh_mul(gate_up: Tensor) -> Tensor:
+def gelu_tanh_mul(gate_up: Tensor, quant: Tensor | None = None) -> Tensor:
     """GeGLU on the fused gate/up projection [T, 2M]: gelu_tanh(gate) * up -> [T, M]."""
     m = gate_up.shape[-1] // 2
-    return F.gelu(gate_up[:, :m], approximate="tanh").mul_(gate_up[:, m:])
+    return _out(F.gelu(gate_up[:, :m], approximate="tanh").mul_(gate_up[:, m:]), quant)
 
 
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, k_cache: Tensor, v_cache: Tensor,

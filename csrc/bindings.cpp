@@ -70,6 +70,21 @@ PYBIND11_MODULE(_kernels, m) {
                                  P(stream));
         });
 
+  m.def("quantize_int8",
+        [](int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t q, std::uintptr_t scale, int rows, int rows_out,
+           int width, std::uintptr_t stream) {
+          flashrt::quantize_int8(dtype, P(x), x_stride, P(q), reinterpret_cast<float*>(scale), rows, rows_out, width,
+                                 P(stream));
+        });
+
+  m.def("dequantize_int8",
+        [](int dtype, std::uintptr_t acc, int64_t acc_stride, std::uintptr_t row_scale, std::uintptr_t col_scale,
+           std::uintptr_t bias, std::uintptr_t out, int64_t out_stride, int rows, int n, std::uintptr_t stream) {
+          flashrt::dequantize_int8(dtype, reinterpret_cast<const int32_t*>(acc), acc_stride,
+                                   reinterpret_cast<const float*>(row_scale), reinterpret_cast<const float*>(col_scale),
+                                   P(bias), P(out), out_stride, rows, n, P(stream));
+        });
+
   m.def("quantize_fp8",
         [](int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t out, int rows, int width, std::uintptr_t inv_scale,
            std::uintptr_t stream) {

@@ -1,5 +1,6 @@
 // Memory-bound fused kernels: GeGLU, rotary embedding with the KV-cache write, the flow-matching
-// Euler update fused with the action output projection, and image preprocessing.
+// Euler update fused with the action output projection, image preprocessing, and the quantization
+// around FP8 and INT8 GEMMs.
 
 #include "common.cuh"
 #include "kernels.h"
@@ -53,6 +54,73 @@ __global__ void quantize_fp8_kernel(const T* __restrict__ x, int64_t x_stride, u
   float v[N];
   load_vec_ro(x + row * x_stride + c * N, v);
   store_fp8<T>(out + row * (int64_t)width + c * N, v, *inv_scale);
+}
+
+// ------------------------------------------------------------------------------------------------
+// INT8 W8A8 (Orin) around torch._int_mm, which needs more than 16 rows:
+//   quantize: q[r] = clamp(rint(x[r] / s_r), +-127), s_r = max(amax_r, 1e-12) * (1/127) (per token,
+//     exactly quant.quantize_per_token); rows in [rows, rows_out) are zeroed, so a short input
+//     arrives padded without a copy. One block per row: amax pass, then quantize pass (the row,
+//     at most 32 KB, is re-read from L1/L2).
+//   dequantize: out[r, n] = T(acc[r, n] * s_r * w_n + bias_n), in fp32 in that order (as quant.py),
+//     four int32 per thread.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void quantize_int8_kernel(const T* __restrict__ x, int64_t x_stride, int8_t* __restrict__ q,
+                                     float* __restrict__ scale, int rows, int width) {
+  constexpr int N = Vec<T>::N;
+  __shared__ float scratch[33];
+  const int64_t row = blockIdx.x;
+  const int nvec = width / N;
+  int8_t* qr = q + row * width;
+  union Bytes { int8_t b[N]; uint2 u2; uint32_t u1; };
+  auto store = [&](int c, const Bytes& v) {
+    if constexpr (N == 8) *reinterpret_cast<uint2*>(qr + c * N) = v.u2;
+    else *reinterpret_cast<uint32_t*>(qr + c * N) = v.u1;
+  };
+  if (row >= rows) {  // padding rows
+    Bytes z;
+    z.u2 = make_uint2(0u, 0u);
+    for (int c = threadIdx.x; c < nvec; c += blockDim.x) store(c, z);
+    return;
+  }
+  const T* xr = x + row * x_stride;
+  float amax = 0.f;
+  for (int c = threadIdx.x; c < nvec; c += blockDim.x) {
+    float v[N];
+    load_vec_ro(xr + c * N, v);
+#pragma unroll
+    for (int i = 0; i < N; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  }
+  // amax * (1 / 127), not amax / 127: what torch computes for a tensor divided by a Python number
+  const float s = __fmul_rn(fmaxf(block_max(amax, scratch), 1e-12f), 1.f / 127.f);
+  if (threadIdx.x == 0) scale[row] = s;
+  for (int c = threadIdx.x; c < nvec; c += blockDim.x) {
+    float v[N];
+    load_vec_ro(xr + c * N, v);
+    Bytes o;
+#pragma unroll
+    for (int i = 0; i < N; ++i) o.b[i] = static_cast<int8_t>(fminf(fmaxf(rintf(v[i] / s), -127.f), 127.f));
+    store(c, o);
+  }
+}
+
+template <typename T>
+__global__ void dequantize_int8_kernel(const int32_t* __restrict__ acc, int64_t acc_stride,
+                                       const float* __restrict__ row_scale, const float* __restrict__ col_scale,
+                                       const T* __restrict__ bias, T* __restrict__ out, int64_t out_stride, int n) {
+  const int c = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+  if (c >= n) return;
+  const int64_t r = blockIdx.y;
+  const int4 a = *reinterpret_cast<const int4*>(acc + r * acc_stride + c);
+  const float4 w = __ldg(reinterpret_cast<const float4*>(col_scale + c));
+  const float s = row_scale[r];
+  // _rn intrinsics: separate roundings, never contracted into an fma (the reference rounds each step)
+  const float o[4] = {__fmul_rn(__fmul_rn(static_cast<float>(a.x), s), w.x), __fmul_rn(__fmul_rn(static_cast<float>(a.y), s), w.y),
+                      __fmul_rn(__fmul_rn(static_cast<float>(a.z), s), w.z), __fmul_rn(__fmul_rn(static_cast<float>(a.w), s), w.w)};
+  T* orow = out + r * out_stride + c;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) orow[i] = from_f<T>(bias != nullptr ? __fadd_rn(o[i], to_f(bias[c + i])) : o[i]);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -214,6 +282,32 @@ void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int 
         static_cast<const T*>(gu), gu_stride, static_cast<T*>(out), m, inv_scale);
   });
   check_launch("gelu_tanh_mul");
+}
+
+void quantize_int8(int dtype, const void* x, int64_t x_stride, void* q, float* scale, int rows, int rows_out,
+                   int width, void* stream) {
+  require(width % 8 == 0 && rows_out >= rows, "quantize_int8", "width must be a multiple of 8 and rows_out >= rows");
+  if (rows_out == 0) return;
+  dispatch(dtype, "quantize_int8", [&](auto tag) {
+    using T = decltype(tag);
+    quantize_int8_kernel<T><<<rows_out, 256, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(x), x_stride, static_cast<int8_t*>(q), scale, rows, width);
+  });
+  check_launch("quantize_int8");
+}
+
+void dequantize_int8(int dtype, const int32_t* acc, int64_t acc_stride, const float* row_scale, const float* col_scale,
+                     const void* bias, void* out, int64_t out_stride, int rows, int n, void* stream) {
+  require(n % 4 == 0 && acc_stride % 4 == 0, "dequantize_int8", "columns and the accumulator's row stride must be multiples of 4");
+  if (rows == 0) return;
+  dispatch(dtype, "dequantize_int8", [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int threads = 256;
+    dim3 grid((n / 4 + threads - 1) / threads, rows);
+    dequantize_int8_kernel<T><<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+        acc, acc_stride, row_scale, col_scale, static_cast<const T*>(bias), static_cast<T*>(out), out_stride, n);
+  });
+  check_launch("dequantize_int8");
 }
 
 void quantize_fp8(int dtype, const void* x, int64_t x_stride, void* out, int rows, int width, const float* inv_scale,

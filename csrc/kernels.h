@@ -29,6 +29,15 @@ void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride,
 void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int rows, int m, const float* inv_scale,
                    void* stream);
 
+// INT8 W8A8 around torch._int_mm: per-token quantization of x [rows, width] into q int8
+// [rows_out, width] (rows past `rows` zeroed: _int_mm's minimum height) and scale float32 [rows];
+// and out [rows, n] = dtype(acc int32 [rows, n] * row_scale[r] * col_scale[n] + bias[n]) (bias may be
+// null). Exactly quant.quantize_per_token and QuantWeight's dequantization.
+void quantize_int8(int dtype, const void* x, int64_t x_stride, void* q, float* scale, int rows, int rows_out,
+                   int width, void* stream);
+void dequantize_int8(int dtype, const int32_t* acc, int64_t acc_stride, const float* row_scale, const float* col_scale,
+                     const void* bias, void* out, int64_t out_stride, int rows, int n, void* stream);
+
 // out8[t, j] = e4m3(x[t, j] * *inv_scale), saturated; x [rows, width] bf16/fp16, out8 contiguous.
 void quantize_fp8(int dtype, const void* x, int64_t x_stride, void* out8, int rows, int width, const float* inv_scale,
                   void* stream);

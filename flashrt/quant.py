@@ -1,15 +1,18 @@
 """Quantized linears: FP8 (E4M3) for Thor, RTX and Hopper, INT8 W8A8 for Orin.
 
-Weights are quantized once at load with one scale per output channel. Activations:
+Weights are quantized once at load: one scale per output channel (INT8, FP8 on request) or per
+tensor (FP8's default). Activations:
 - FP8: a static per-tensor scale from calibration (amax seen on calibration observations / 448),
-  applied by the kernel that produces the input (a norm, GeGLU; `fp8_input` gives it the scale), so
-  the projection receives FP8 rows; the GEMM is `torch._scaled_mm` with both scales in its epilogue.
+  applied by the kernel that produces the input (a norm, GeGLU; `fp8_input` gives it the scale), or
+  else by `ops.quantize_fp8`; the GEMM is `torch._scaled_mm` with the scales in its epilogue.
 - INT8: a per-token scale computed on the fly (amax of the row / 127), so no calibration is needed;
-  the GEMM is `torch._int_mm` (int32 accumulation, runs on sm_87), dequantized after.
+  `ops.quantize_int8` (one kernel), `torch._int_mm` (int32 accumulation, runs on sm_87), then
+  `ops.dequantize_int8` (one kernel).
 
-Models call `linear(x, w, b)` for every large projection; `w` is a plain tensor (bf16/fp32 path), a
-`QuantWeight`, or a `Recorder` (calibration). Quantizing a model swaps its weight attributes in
-place (see `PiModel.linears`), so the model code is the same for every precision.
+Models call `linear(x, w, b, ops)` for every large projection; `w` is a plain tensor (bf16/fp32
+path), a `QuantWeight`, or a `Recorder` (calibration); `ops` is the engine's op set (native kernels
+or their torch references; the references when omitted). Quantizing a model swaps its weight
+attributes in place (see `PiModel.linears`), so the model code is the same for every precision.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ INT8_MAX = 127.0
 INT_MM_MIN_ROWS = 17  # torch._int_mm needs more than 16 rows: smaller inputs are zero-padded to 32
 
 
-def linear(x: Tensor, w, b: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, w, b: Tensor | None = None, ops=None) -> Tensor:
     if isinstance(w, Tensor):
         return F.linear(x, w, b)
-    return w(x, b)
+    return w(x, b, ops)
 
 
 def quantize_weight(w: Tensor, kind: str, per_channel: bool = True) -> tuple[Tensor, Tensor]:
@@ -55,13 +58,6 @@ def dequantize_weight(q: Tensor, scale: Tensor) -> Tensor:
 def quantize_fp8(x: Tensor, inv_scale: Tensor) -> Tensor:
     """x * (1 / scale), saturated to the E4M3 range (an outlier beyond calibration clips, never NaNs)."""
     return (x * inv_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-
-
-def quantized_linear(ops, x: Tensor, w, b: Tensor | None = None) -> Tensor:
-    """linear(x, w, b) for an input no fused op quantized: one `ops.quantize_fp8` launch first when w
-    is an FP8 projection (rather than the three of quantize_fp8 in torch)."""
-    q = fp8_input(w)
-    return linear(x if q is None else ops.quantize_fp8(x, q), w, b)
 
 
 def fp8_input(w) -> Tensor | None:
@@ -102,10 +98,12 @@ class QuantWeight:
         w_scale = s[None, :].contiguous() if per_channel or kind != "fp8" else s.reshape(())
         return cls(kind, q, w_scale, b, w.dtype, act, None if act is None else 1.0 / act)
 
-    def __call__(self, x: Tensor, b: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, b: Tensor | None = None, ops=None) -> Tensor:
+        if ops is None:
+            from .ops import torch_ops as ops  # (ops.torch_ops imports this module)
         bias = self.bias if b is None else b
         if self.kind == "fp8":
-            xq = x if x.dtype == FP8 else quantize_fp8(x, self.inv_act_scale)  # FP8: its producer quantized it
+            xq = x if x.dtype == FP8 else ops.quantize_fp8(x, self.inv_act_scale)  # FP8: its producer quantized it
             if self.w_scale.dim() == 0:  # tensor-wide scales: cuBLASLt, the bias in its epilogue
                 return torch._scaled_mm(xq, self.q.t(), scale_a=self.act_scale.reshape(()), scale_b=self.w_scale,
                                         bias=bias, out_dtype=self.out_dtype)
@@ -115,15 +113,8 @@ class QuantWeight:
                 scale_a = self._rows[m] = self.act_scale.expand(m, 1).contiguous()
             out = torch._scaled_mm(xq, self.q.t(), scale_a=scale_a, scale_b=self.w_scale, out_dtype=self.out_dtype)
             return out.add_(bias) if bias is not None else out  # rowwise-scaled GEMMs take no bias
-        xq, sx = quantize_per_token(x)
-        m = xq.shape[0]
-        if m < INT_MM_MIN_ROWS:
-            xq = F.pad(xq, (0, 0, 0, 32 - m))
-        acc = torch._int_mm(xq, self.q.t())[:m]
-        out = acc.float().mul_(sx).mul_(self.w_scale)
-        if bias is not None:
-            out = out.add_(bias)
-        return out.to(self.out_dtype)
+        xq, sx = ops.quantize_int8(x)  # zero rows appended below INT_MM_MIN_ROWS
+        return ops.dequantize_int8(torch._int_mm(xq, self.q.t()), sx, self.w_scale, bias, self.out_dtype)
 
 
 @dataclass(eq=False)
@@ -133,7 +124,7 @@ class Recorder:
     weight: Tensor
     amax: Tensor  # [1] float32 on the device, updated in place (no host sync while running)
 
-    def __call__(self, x: Tensor, b: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, b: Tensor | None = None, ops=None) -> Tensor:
         torch.maximum(self.amax, x.abs().amax().float(), out=self.amax)
         return F.linear(x, self.weight, b)
 

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..quant import fp8_input, linear, quantized_linear
+from ..quant import fp8_input, linear
 
 from .layout import GemmaDims
 
@@ -123,12 +123,12 @@ def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: T
     last = len(layers) - 1
     for i in span:
         L = layers[i]
-        q = ops.rope_qkv(linear(h, L.qkv), cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
+        q = ops.rope_qkv(linear(h, L.qkv, ops=ops), cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
         a = window.attend(ops, q, k_cache[i], v_cache[i])
         if kv_only and i == last:
             return None
-        h = _add_norm(ops, x, quantized_linear(ops, a, L.o), mod, 2 * i, 2 * i + 1, fp8_input(L.gate_up))
-        d = linear(ops.gelu_tanh_mul(linear(h, L.gate_up), fp8_input(L.down)), L.down)
+        h = _add_norm(ops, x, linear(a, L.o, ops=ops), mod, 2 * i, 2 * i + 1, fp8_input(L.gate_up))
+        d = linear(ops.gelu_tanh_mul(linear(h, L.gate_up, ops=ops), fp8_input(L.down)), L.down, ops=ops)
         # The next layer's QKV reads this norm; the stack's last output (or a span's, which the
         # next span renormalizes) stays in the model dtype.
         nxt = fp8_input(layers[i + 1].qkv) if i + 1 in span else None

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..quant import fp8_input, linear, quantized_linear
+from ..quant import fp8_input, linear
 from .layout import PROJ, V, VisionDims
 
 EPS = 1e-6
@@ -70,10 +70,10 @@ class Siglip:
         # (a norm feeding an FP8 projection writes its FP8 input: `quant`, see ops.torch_ops)
         h = ops.layer_norm(x, self.layers[0].ln1_w, self.layers[0].ln1_b, EPS, fp8_input(self.layers[0].qkv_w))
         for i, L in enumerate(self.layers):
-            qkv = linear(h, L.qkv_w, L.qkv_b).view(c, g * g, 3, d.heads, hd)
+            qkv = linear(h, L.qkv_w, L.qkv_b, ops).view(c, g * g, 3, d.heads, hd)
             a = ops.attention_mha(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-            h = ops.add_layer_norm(x, quantized_linear(ops, a, L.o_w, L.o_b), L.ln2_w, L.ln2_b, EPS, fp8_input(L.fc1_w))
-            m = quantized_linear(ops, F.gelu(linear(h, L.fc1_w, L.fc1_b), approximate="tanh"), L.fc2_w, L.fc2_b)
+            h = ops.add_layer_norm(x, linear(a, L.o_w, L.o_b, ops), L.ln2_w, L.ln2_b, EPS, fp8_input(L.fc1_w))
+            m = linear(F.gelu(linear(h, L.fc1_w, L.fc1_b, ops), approximate="tanh"), L.fc2_w, L.fc2_b, ops)
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             h = ops.add_layer_norm(x, m, nxt.ln1_w if nxt else self.post_w, nxt.ln1_b if nxt else self.post_b, EPS,
                                    fp8_input(nxt.qkv_w) if nxt else None)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import preprocess
+from ..quant import INT_MM_MIN_ROWS
 from . import torch_ops
 
 try:  # the module exists only where csrc/ was compiled
@@ -163,6 +164,33 @@ def gelu_tanh_mul(gate_up: Tensor, quant: Tensor | None = None) -> Tensor:
     out = _empty((t, m), gate_up.dtype if quant is None else FP8, gate_up.device)
     _kernels.gelu_tanh_mul(_CODES[gate_up.dtype], gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), t, m,
                            0 if quant is None else quant.data_ptr(), _stream(gate_up))
+    return out
+
+
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    if not _rows_ok(x) or x.shape[1] % 8 != 0:
+        return torch_ops.quantize_int8(x)
+    t, k = x.shape
+    rows_out = t if t >= INT_MM_MIN_ROWS else 32
+    q = _empty((rows_out, k), torch.int8, x.device)
+    scale = _empty((t, 1), torch.float32, x.device)
+    _kernels.quantize_int8(_CODES[x.dtype], x.data_ptr(), x.stride(0), q.data_ptr(), scale.data_ptr(), t, rows_out, k,
+                           _stream(x))
+    return q, scale
+
+
+def dequantize_int8(acc: Tensor, scale: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    t, n = scale.shape[0], acc.shape[1]
+    ok = (acc.is_cuda and acc.dtype == torch.int32 and acc.dim() == 2 and acc.stride(1) == 1 and acc.stride(0) % 4 == 0
+          and n % 4 == 0 and acc.shape[0] >= t and out_dtype in _CODES
+          and scale.dtype == torch.float32 and scale.is_contiguous() and scale.numel() == t
+          and w_scale.dtype == torch.float32 and w_scale.is_contiguous() and w_scale.numel() == n
+          and (bias is None or (bias.dtype == out_dtype and bias.is_contiguous() and bias.numel() == n)))
+    if not ok:
+        return torch_ops.dequantize_int8(acc, scale, w_scale, bias, out_dtype)
+    out = _empty((t, n), out_dtype, acc.device)
+    _kernels.dequantize_int8(_CODES[out_dtype], acc.data_ptr(), acc.stride(0), scale.data_ptr(), w_scale.data_ptr(),
+                             0 if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), t, n, _stream(acc))
     return out
 
 
@@ -336,7 +364,8 @@ def native_ops(platform) -> dict:
         "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "ada_rms_norm": ada_rms_norm,
         "add_ada_rms_norm": add_ada_rms_norm, "layer_norm": layer_norm, "add_layer_norm": add_layer_norm,
         "gelu_tanh_mul": gelu_tanh_mul, "rope_qkv": rope_qkv, "linear_accumulate": linear_accumulate,
-        "images_to_model": images_to_model, "quantize_fp8": quantize_fp8,
+        "images_to_model": images_to_model, "quantize_fp8": quantize_fp8, "quantize_int8": quantize_int8,
+        "dequantize_int8": dequantize_int8,
     }
     if rows > 0:
         ops["attention_flash_varlen"] = make_attention_flash_varlen(rows)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..quant import quantize_fp8
+from ..quant import INT_MM_MIN_ROWS, quantize_fp8, quantize_per_token
 
 
 def _out(y: Tensor, quant: Tensor | None) -> Tensor:
@@ -54,6 +54,24 @@ def add_layer_norm(x: Tensor, y: Tensor, w: Tensor, b: Tensor, eps: float, quant
     """SigLIP residual then LayerNorm: x += y (in place); return layer_norm(x)."""
     x.add_(y)
     return layer_norm(x, w, b, eps, quant)
+
+
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token INT8 for torch._int_mm: (q int8 [max(T, pad), K], scale float32 [T, 1]); an input of
+    fewer than INT_MM_MIN_ROWS rows is zero-padded to 32, as _int_mm needs more than 16."""
+    q, scale = quantize_per_token(x)
+    if x.shape[0] < INT_MM_MIN_ROWS:
+        q = F.pad(q, (0, 0, 0, 32 - x.shape[0]))
+    return q, scale
+
+
+def dequantize_int8(acc: Tensor, scale: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """An INT8 GEMM's int32 output back to the model dtype: acc[:T] * scale (per token) * w_scale (per
+    channel) + bias, in float32."""
+    out = acc[: scale.shape[0]].float().mul_(scale).mul_(w_scale)
+    if bias is not None:
+        out = out.add_(bias)
+    return out.to(out_dtype)
 
 
 def gelu_tanh_mul(gate_up: Tensor, quant: Tensor | None = None) -> Tensor:

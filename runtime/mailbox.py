@@ -2,7 +2,9 @@
 
 A queue plus a pipe whose read end sits in the I/O thread's zmq.Poller: any thread may `post`, and
 one byte on the pipe ends the poll at once. It replaces an inproc socket per thread (ZeroMQ sockets
-belong to one thread, and the scheduler thread must not own one just to say "done").
+belong to one thread, and the scheduler thread must not own one just to say "done"). A post from
+the I/O thread itself (a request whose work finished inline) writes no byte: that thread looks at
+the queue before it polls again.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Mailbox:
         os.set_blocking(self._write, False)
         self._lock = threading.Lock()  # a post racing close() must not write to a reused descriptor
         self._closed = False
+        self.owner: int | None = None  # threading.get_ident() of the thread that runs the calls
 
     def fileno(self) -> int:
         """The file descriptor to poll for POLLIN."""
@@ -32,6 +35,8 @@ class Mailbox:
     def post(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the I/O thread soon (any thread)."""
         self._calls.put(fn)
+        if threading.get_ident() == self.owner:
+            return
         with self._lock:
             if self._closed:  # the server has stopped: nobody is left to run it
                 return

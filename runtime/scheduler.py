@@ -385,6 +385,7 @@ class Scheduler:
                 self._launch_next(task)
                 if task.next == len(task.segments) and self.ready and self.ready[0][1] is task:
                     heapq.heappop(self.ready)
+            self._reap()  # a synchronous device has finished it already: hand it back in this decision
             return True
         if self.inflight and not inline:
             self.device.wait(self.inflight[0][0])

@@ -207,12 +207,14 @@ class Server:
         if self._streams.bound:
             poller.register(self._streams.sub, zmq.POLLIN)
         deadline = None
+        self._mailbox.owner = threading.get_ident()  # its posts from this thread are found without a wake-up
         while True:
-            events = dict(poller.poll(POLL_MS))
+            # Calls this thread posted (a request whose work ran at once, see Scheduler.submit) run
+            # before the next poll blocks.
+            events = dict(poller.poll(0 if not self._mailbox.empty() else POLL_MS))
             if self._router in events:
                 self._on_request(self._router.recv_multipart(copy=False))
-            # The poller reports a plain descriptor by its number. A request whose work ran at once
-            # (see Scheduler.submit) posted its completion already: reply now, not one poll later.
+            # The poller reports a plain descriptor by its number.
             if self._mailbox.fileno() in events or not self._mailbox.empty():
                 self._mailbox.run()
             if self._streams.sub is not None and self._streams.sub in events:

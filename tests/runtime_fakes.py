@@ -11,7 +11,6 @@ test can see how the scheduler interleaved several models.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from typing import Any

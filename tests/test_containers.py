@@ -371,8 +371,11 @@ def test_build_stage_wheel_check_runs(platform, dockerfile, tmp_path):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     cmd = _wheel_check_command(dockerfile, tmp_path)
     _fake_wheel(tmp_path, with_kernels=False)
-    run = lambda require: subprocess.run(["bash", "-c", cmd], env={**os.environ, "FLASHRT_REQUIRE_KERNELS": require},
-                                         capture_output=True, text=True, timeout=60)
+
+    def run(require: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", cmd], env={**os.environ, "FLASHRT_REQUIRE_KERNELS": require},
+                              capture_output=True, text=True, timeout=60)
+
     refused = run("1")
     assert refused.returncode != 0 and "flashrt/_kernels is missing" in refused.stderr
     assert run("0").returncode == 0

@@ -73,18 +73,23 @@ class _Running:
     encoding: str = OPENPI
 
 
-def prepare(policy: Any, observation: dict) -> Any:
-    """`policy.prepare(observation)`: the job whose segments the scheduler launches. A policy with only
-    `infer` (a loader's own engine) becomes one segment that runs it whole on the scheduler thread:
-    it is served, but nothing can run between its start and its end."""
-    if hasattr(policy, "prepare"):
-        return policy.prepare(observation)
-    return WholeJob(policy, observation)
+class WholePolicy:
+    """A policy with only `infer` (a loader's own engine), given `prepare`: its job is one segment that
+    runs the whole inference on the scheduler thread. It is served, but nothing can run between its
+    start and its end. The segment's duration, unknown at first, is learned from its runs (smoothed)
+    for admission control and inline launches (runtime/scheduler.py)."""
+
+    def __init__(self, policy: Any):
+        self.policy = policy
+        self.duration_ms: float | None = None
+
+    def prepare(self, observation: dict) -> "WholeJob":
+        return WholeJob(self, observation)
 
 
 class WholeJob:
-    def __init__(self, policy: Any, observation: dict):
-        self.segments = [_Whole(self, policy, observation)]
+    def __init__(self, owner: WholePolicy, observation: dict):
+        self.segments = [_Whole(self, owner, observation)]
         self.output: dict | None = None
 
     def cancel(self) -> None:
@@ -97,13 +102,19 @@ class WholeJob:
 @dataclass(eq=False)
 class _Whole:
     job: WholeJob
-    policy: Any
+    owner: WholePolicy
     observation: dict
     name: str = "infer"
-    duration_ms: float | None = None  # unknown: admission control counts it as nothing
+
+    @property
+    def duration_ms(self) -> float | None:
+        return self.owner.duration_ms
 
     def launch(self, stream: Any = None) -> None:
-        self.job.output = self.policy.infer(self.observation)
+        t0 = perf_counter()
+        self.job.output = self.owner.policy.infer(self.observation)  # synchronous: returns host arrays
+        ms, seen = (perf_counter() - t0) * 1e3, self.owner.duration_ms
+        self.owner.duration_ms = ms if seen is None else 0.8 * seen + 0.2 * ms
 
 
 class QuietLog:
@@ -147,7 +158,8 @@ class ModelExecutor:
         self._releasing = True  # periodic releases still taken
         self._open_releases = 0  # periodic tasks released and not yet published
         self._quiet = QuietLog()
-        self._whole_ms: float | None = None  # a WholeJob's duration, smoothed over the runs seen (admission, inlining)
+        policy = model.policy
+        self._policy = policy if hasattr(policy, "prepare") else WholePolicy(policy)  # what jobs come from
         if self.schedule.periodic:
             stats.count_event("published", 0)
             stats.count_event("invalid_observations", 0)
@@ -196,12 +208,10 @@ class ModelExecutor:
     def _start(self, req: Request, work: Infer) -> None:
         t_start = perf_counter()
         try:
-            job = prepare(self.model.policy, work.observation)
+            job = self._policy.prepare(work.observation)
         except Exception as e:  # the observation does not fit the model
             self._send_error(req, e)
             return
-        if isinstance(job, WholeJob):
-            job.segments[0].duration_ms = self._whole_ms
         run = _Running(job, req=req, work=work, prepare_s=perf_counter() - t_start)
         self._inflight += 1
         self.scheduler.submit(self._task(job, req.t_recv, run))
@@ -213,10 +223,14 @@ class ModelExecutor:
     def _finished(self, task: Task, error: Exception | None) -> None:
         if task.payload.req is None:
             self._publish_result(task, error)
-            return
+        else:
+            self._slot_freed(partial(self._reply, task, error))
+
+    def _slot_freed(self, answer: Callable[[], None]) -> None:
+        """A request job (or a periodic reset) of this model is over: answer it, then start what waits."""
         self._inflight -= 1
         try:
-            self._reply(task, error)
+            answer()
         finally:
             self._pump()
 
@@ -239,9 +253,6 @@ class ModelExecutor:
             return
         t_encoded = perf_counter()
         self._send(frames)  # the reply first, the bookkeeping after
-        if isinstance(run.job, WholeJob):
-            ran_ms = (task.finished - task.launched_at) * 1e3
-            self._whole_ms = ran_ms if self._whole_ms is None else 0.8 * self._whole_ms + 0.2 * ran_ms
         total = t_encoded - req.t_recv
         self.stats.record(decode=(req.t_ready - req.t_recv) * 1e3, queue=queue_s * 1e3, infer=model_s * 1e3,
                           encode=(t_encoded - task.finished) * 1e3, total=total * 1e3,
@@ -263,7 +274,7 @@ class ModelExecutor:
 
         def on_scheduler_thread() -> None:
             error = self._call(self.model.policy.reset)
-            self._mailbox.post(partial(self._periodic_reset_done, req, t_start, error))
+            self._mailbox.post(partial(self._slot_freed, partial(self._reset_done, req, t_start, error)))
 
         self.scheduler.call_soon(on_scheduler_thread)
 
@@ -274,13 +285,6 @@ class ModelExecutor:
         except Exception as e:  # becomes the request's error reply
             return e
         return None
-
-    def _periodic_reset_done(self, req: Request, t_start: float, error: Exception | None) -> None:
-        self._inflight -= 1
-        try:
-            self._reset_done(req, t_start, error)
-        finally:
-            self._pump()
 
     def _reset_done(self, req: Request, t_start: float, error: Exception | None) -> None:
         if error is not None:
@@ -303,7 +307,7 @@ class ModelExecutor:
             self._open_releases += 1
         seq = self.scheduler.release_index(self.name, release)
         try:
-            job = prepare(self.model.policy, latest.observation)
+            job = self._policy.prepare(latest.observation)
         except Exception as e:
             with self._lock:
                 self._open_releases -= 1

@@ -330,3 +330,30 @@ def test_tally_keeps_a_bounded_window():
     t = s.tally["m"]
     assert t.completed == 50 and 10 <= len(t.latencies) <= 20
     assert t.as_dict()["latency_ms"]["n"] == len(t.latencies)
+
+
+def test_a_whole_inference_policy_learns_its_duration_and_then_runs_inline():
+    """A loader's policy with only `infer` is one segment of unknown duration: the scheduler thread
+    runs it at first; once a run has timed it, a short one runs on the submitting thread."""
+    from runtime.executor import WholePolicy
+    from runtime.scheduler import SyncDevice
+
+    class Instant:
+        def infer(self, obs):
+            return {"actions": threading.current_thread()}
+
+    whole = WholePolicy(Instant())
+    s = Scheduler(SyncDevice())
+    stop, thread = run_scheduler(s)
+    try:
+        jobs = []
+        for _ in range(2):
+            job, done = whole.prepare({}), threading.Event()
+            s.submit(Task("m", list(job.segments), deadline=INF, on_done=lambda t, e, d=done: d.set()))
+            assert done.wait(1.0)
+            jobs.append(job)
+        assert jobs[0].result()["actions"] is thread  # unknown duration: the scheduler thread ran it
+        assert whole.duration_ms is not None and whole.duration_ms < SyncDevice.inline_ms
+        assert jobs[1].result()["actions"] is threading.current_thread()  # known and short: run here
+    finally:
+        stop_scheduler(s, stop, thread)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import preprocess
-from ..quant import INT_MM_MIN_ROWS
+from ..quant import FP8, INT_MM_MIN_ROWS
 from . import torch_ops
 
 try:  # the module exists only where csrc/ was compiled
@@ -40,7 +40,6 @@ except ImportError:  # pragma: no cover - exercised by the CPU test suite withou
     _kernels = None
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-FP8 = torch.float8_e4m3fn
 _RES_NONE, _RES_ADD, _RES_GATED = 0, 1, 2
 HEAD_DIM = 256  # the split-K attention kernel's head dim
 # Split-K attention launch shape (swept with benchmarks/kernels.py on the H100: 4 warps per CTA

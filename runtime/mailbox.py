@@ -48,13 +48,16 @@ class Mailbox:
     def empty(self) -> bool:
         return self._calls.empty()
 
-    def run(self) -> None:
-        """Run every posted call (I/O thread). A failing call is logged; the rest still run."""
-        try:
-            while len(os.read(self._read, 4096)) == 4096:
+    def run(self, woken: bool = True) -> None:
+        """Run every posted call (I/O thread). A failing call is logged; the rest still run. `woken`:
+        the pipe was readable, so its wake-up bytes are drained (else only the I/O thread's own posts,
+        which write none, are waiting, or bytes a later poll will report)."""
+        if woken:
+            try:
+                while len(os.read(self._read, 4096)) == 4096:
+                    pass
+            except BlockingIOError:  # nothing to read: the call was found by empty() before its wake-up byte
                 pass
-        except BlockingIOError:  # nothing to read: the call was found by empty() before its wake-up byte
-            pass
         while not self._calls.empty():  # one consumer: empty() is exact, and cheaper than raising Empty
             try:
                 self._calls.get_nowait()()

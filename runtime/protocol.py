@@ -11,6 +11,7 @@ and the byte count must match dtype x shape exactly.
 from __future__ import annotations
 
 import io
+import threading
 from typing import Any
 
 import msgpack
@@ -96,10 +97,11 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 def _view(data: Any, dt: np.dtype, shape: tuple[int, ...], offset: int = 0, order: str = "C") -> np.ndarray:
     """A read-only array over `data` after checking that its size is exactly dtype x shape."""
-    if type(data) is bytes:  # immutable: the array is read-only by itself
-        size = len(data) - offset
-    elif type(data) is memoryview:  # an extra ZeroMQ frame
+    if type(data) is memoryview:  # an extra ZeroMQ frame: writable, so the view over it is made read-only
+        data = data.toreadonly()
         size = data.nbytes - offset
+    elif type(data) is bytes:  # immutable: the array is read-only by itself
+        size = len(data) - offset
     else:
         raise ProtocolError(BAD_INPUT, f"array data must be msgpack bin bytes, got {type(data).__name__}")
     need = dt.itemsize
@@ -110,10 +112,7 @@ def _view(data: Any, dt: np.dtype, shape: tuple[int, ...], offset: int = 0, orde
             BAD_INPUT,
             f"array of dtype {dt.str!r} and shape {list(shape)} needs {need} bytes of data, got {size}",
         )
-    arr = np.ndarray(shape, dt, data, offset, None, order)
-    if type(data) is memoryview and not data.readonly:
-        arr.flags.writeable = False
-    return arr
+    return np.ndarray(shape, dt, data, offset, None, order)
 
 
 def _npy(blob: Any) -> np.ndarray:
@@ -136,6 +135,12 @@ def _npy(blob: Any) -> np.ndarray:
     return _view(blob, dt, _shape(shape), offset=f.tell(), order="F" if fortran_order else "C")
 
 
+# Keys that mark a map as an array (in any accepted encoding, str or bin): a map with none of them
+# is a plain map, found in one C call.
+_MARKERS = frozenset(k for name in ("__ndarray__", "__ndarray_class__", "nd", "__npgeneric__")
+                     for k in (name, name.encode()))
+
+
 class _Reader:
     """msgpack object_hook: turns array maps into arrays and remembers which encoding was used."""
 
@@ -146,12 +151,12 @@ class _Reader:
         self.encoding: str | None = None
 
     def hook(self, obj: dict) -> Any:
-        # Called for every map, so the common case goes first and costs little: openpi's form with
-        # bin keys, as openpi-client and runtime.client write it.
-        marker = obj.get(b"__ndarray__")
-        if marker is not None:
-            if marker is True:
-                return self._openpi(obj.get(b"dtype"), obj.get(b"shape"), obj.get(b"data"), obj.get(b"frame"))
+        # Called for every map, so the common cases cost little: a plain map, and openpi's form with
+        # bin keys as openpi-client and runtime.client write it.
+        if _MARKERS.isdisjoint(obj):
+            return obj
+        if obj.get(b"__ndarray__") is True:
+            return self._openpi(obj.get(b"dtype"), obj.get(b"shape"), obj.get(b"data"), obj.get(b"frame"))
         for key in obj:  # a map's keys are all str or all bin in practice: the first one tells
             if type(key) is bytes:
                 obj = {(k.decode("utf-8", "replace") if type(k) is bytes else k): v for k, v in obj.items()}
@@ -216,22 +221,33 @@ def decode(body: Any, frames: list[memoryview] | None = None) -> tuple[Any, str 
 # Encoding
 
 
+_wire_names: dict[np.dtype, str] = {}  # dtypes that may be sent -> their wire name ('<f4'); dtype.str is slow
+
+
+def _wire_name(dt: np.dtype) -> str:
+    name = _wire_names.get(dt)
+    if name is None:
+        if dt.kind not in _ALLOWED_KINDS or dt.fields is not None:
+            raise TypeError(f"cannot send an array of dtype {dt}: only bool, int, uint and float")
+        name = _wire_names[dt] = dt.str
+    return name
+
+
 def _contiguous(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype.kind not in _ALLOWED_KINDS or arr.dtype.fields is not None:
-        raise TypeError(f"cannot send an array of dtype {arr.dtype}: only bool, int, uint and float")
+    _wire_name(arr.dtype)
     return np.ascontiguousarray(arr)
 
 
 def _openpi_default(frames: list | None, frame_min_bytes: int):
     def default(obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
-            arr = _contiguous(obj)
-            out = {b"__ndarray__": True, b"dtype": arr.dtype.str, b"shape": list(arr.shape)}
+            out = {b"__ndarray__": True, b"dtype": _wire_name(obj.dtype), b"shape": list(obj.shape)}
+            arr = np.ascontiguousarray(obj)  # (a 0-d array becomes 1-d here, with the same bytes)
             if frames is not None and arr.nbytes >= frame_min_bytes:
                 out[b"frame"] = len(frames)
                 frames.append(arr)
             else:
-                out[b"data"] = arr.data if arr.ndim else arr.tobytes()
+                out[b"data"] = arr.data
             return out
         if isinstance(obj, np.generic):
             return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
@@ -260,27 +276,31 @@ def _msgpack_numpy_default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
+_DEFAULTS = {OPENPI: _openpi_default(None, 0), NPY: _npy_default, MSGPACK_NUMPY: _msgpack_numpy_default}
+_packers = threading.local()  # one Packer per thread and encoding: packb would build one per message
+
+
 def encode(obj: Any, encoding: str = OPENPI, frames: list | None = None, frame_min_bytes: int = 1 << 16) -> bytes:
     """Pack `obj` with its arrays in `encoding`.
 
     With `frames` (a list) and the openpi encoding, arrays of at least `frame_min_bytes` are appended
     to `frames` and referenced by index, to be sent as extra ZeroMQ frames without copying.
     """
-    if encoding == OPENPI:
-        default = _openpi_default(frames, frame_min_bytes)
-    elif encoding == NPY:
-        default = _npy_default
-    elif encoding == MSGPACK_NUMPY:
-        default = _msgpack_numpy_default
-    else:
-        raise ValueError(f"unknown array encoding {encoding!r} (expected one of {', '.join(ENCODINGS)})")
-    return msgpack.packb(obj, default=default)
+    if frames is not None and encoding == OPENPI:
+        return msgpack.packb(obj, default=_openpi_default(frames, frame_min_bytes))
+    packer = getattr(_packers, encoding, None)
+    if packer is None:
+        if encoding not in _DEFAULTS:
+            raise ValueError(f"unknown array encoding {encoding!r} (expected one of {', '.join(ENCODINGS)})")
+        packer = msgpack.Packer(default=_DEFAULTS[encoding])
+        setattr(_packers, encoding, packer)
+    return packer.pack(obj)  # a failed pack leaves the packer empty for the next message
 
 
 # ---------------------------------------------------------------------------------------------
 # The envelope: {endpoint, data, model?, id?, token?} -> {ok, data | error, id?, timing}
 
-ENVELOPE_KEYS = ("endpoint", "data", "model", "id", "token", "api_token")  # api_token: Isaac-GR00T's name
+ENVELOPE_KEYS = frozenset(("endpoint", "data", "model", "id", "token", "api_token"))  # api_token: Isaac-GR00T's name
 
 
 def parse_envelope(msg: Any) -> tuple[str, Any, str | None, Any, str | None]:
@@ -288,9 +308,9 @@ def parse_envelope(msg: Any) -> tuple[str, Any, str | None, Any, str | None]:
     if not isinstance(msg, dict):
         raise ProtocolError(BAD_REQUEST, f"a request must be a msgpack map {{endpoint, data, model?, id?, token?}}, "
                                          f"got {type(msg).__name__}")
-    for key in msg:
-        if key not in ENVELOPE_KEYS:
-            raise ProtocolError(BAD_REQUEST, f"unknown request key {key!r} (expected: endpoint, data, model, id, token)")
+    if not ENVELOPE_KEYS.issuperset(msg):
+        key = next(k for k in msg if k not in ENVELOPE_KEYS)
+        raise ProtocolError(BAD_REQUEST, f"unknown request key {key!r} (expected: endpoint, data, model, id, token)")
     endpoint = msg.get("endpoint", "get_action")  # Isaac-GR00T's default
     model = msg.get("model")
     rid = msg.get("id")

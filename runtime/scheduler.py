@@ -176,7 +176,7 @@ class Scheduler:
         if getattr(self.device, "inline_ms", 0) > 0 and self._deciding.acquire(blocking=False):
             try:
                 if not self.inflight and not self.ready:
-                    while self.step(inline=True):
+                    while self.step(inline=True) and self.ready:  # nothing ready: no launch left to make here
                         pass
             finally:
                 self._deciding.release()
@@ -396,9 +396,11 @@ class Scheduler:
     def _fits_inline(self, task: Task) -> bool:
         """Whether a submitting thread may launch the next segment (a whole task in fifo mode): only
         segments of known duration, up to the device's `inline_ms`."""
-        segments = task.segments[task.next:] if self.mode == "fifo" else task.segments[task.next:task.next + 1]
-        durations = [getattr(seg, "duration_ms", None) for seg in segments]
-        return None not in durations and sum(durations) <= self.device.inline_ms
+        if self.mode == "fifo":
+            durations = [getattr(seg, "duration_ms", None) for seg in task.segments[task.next:]]
+            return None not in durations and sum(durations) <= self.device.inline_ms
+        duration = getattr(task.segments[task.next], "duration_ms", None)
+        return duration is not None and duration <= self.device.inline_ms
 
     def cancel_pending(self, reason: str = "the scheduler stopped") -> int:
         """Fail every task not fully launched (call once the scheduler thread has stopped): their

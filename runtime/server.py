@@ -215,8 +215,9 @@ class Server:
             if self._router in events:
                 self._on_request(self._router.recv_multipart(copy=False))
             # The poller reports a plain descriptor by its number.
-            if self._mailbox.fileno() in events or not self._mailbox.empty():
-                self._mailbox.run()
+            woken = self._mailbox.fileno() in events
+            if woken or not self._mailbox.empty():
+                self._mailbox.run(woken)
             if self._streams.sub is not None and self._streams.sub in events:
                 self._on_observations()
             if self._reload_requested:

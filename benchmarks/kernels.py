@@ -116,19 +116,6 @@ def cases(dtype):
     acc, hx, ow, ob = torch.randn(50, 32, device=DEV), r(50, 1024, dtype=dtype), r(32, 1024, dtype=dtype), r(32, dtype=dtype)
     out.append(("linear_accumulate [50,1024]x[32,1024]", 10, lambda: native.linear_accumulate(acc, hx, ow, ob),
                 lambda: torch_ops.linear_accumulate(acc, hx, ow, ob), (50 * 1024 + 32 * 1024 + 32) * es + 2 * 50 * 32 * 4))
-    # The expert's projections (50 tokens; Pi0's state token: 1) on the skinny GEMM against cuBLAS.
-    # Each call reads other weights (8 sets, more than L2 holds), as the layers of a step do.
-    if dtype != torch.float32:
-        for rows, k, n, count in [(50, 1024, 2560, 180), (50, 2048, 1024, 180), (50, 1024, 8192, 180),
-                                  (50, 4096, 1024, 180), (1, 1024, 2560, 0)]:
-            xs, ws, turn = r(rows, k, dtype=dtype), [r(n, k, dtype=dtype, scale=0.03) for _ in range(8)], [0]
-
-            def weights(ws=ws, turn=turn):
-                turn[0] += 1
-                return ws[turn[0] % len(ws)]
-
-            out.append((f"linear [{rows},{k}]x[{n},{k}]", count, lambda xs=xs, w=weights: native.linear(xs, w()),
-                        lambda xs=xs, w=weights: torch_ops.linear(xs, w()), (rows * k + n * k + rows * n) * es))
     # attention, the denoising steps' suffix against the prefix cache
     if dtype != torch.float32:
         attn = native.make_attention_flash_varlen(1024)

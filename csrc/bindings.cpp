@@ -108,13 +108,6 @@ PYBIND11_MODULE(_kernels, m) {
                                      P(b), rows, n_out, k, P(stream));
         });
 
-  m.def("skinny_linear_splits", &flashrt::skinny_linear_splits);
-  m.def("skinny_linear",
-        [](int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t w, int64_t w_stride, std::uintptr_t y,
-           int64_t y_stride, int rows, int n, int k, int splits, std::uintptr_t stream) {
-          flashrt::skinny_linear(dtype, P(x), x_stride, P(w), w_stride, P(y), y_stride, rows, n, k, splits, P(stream));
-        });
-
   // cams: list of (ptr, h, w, nh, nw, top, left, slot)
   m.def("images_to_model",
         [](int dtype, const std::vector<std::vector<int64_t>>& cams, std::uintptr_t out, int size, std::uintptr_t stream) {

@@ -56,15 +56,6 @@ void linear_accumulate(int dtype, float* acc, int64_t acc_stride, const void* x,
                        const void* w, int64_t w_stride, const void* b, int rows, int n_out, int k,
                        void* stream);
 
-// y [rows, n] = x [rows, k] @ w [n, k]^T for rows <= kMaxSkinnyRows (linear.cu): bf16/fp16, fp32
-// accumulation, y row stride y_stride. `splits` CTAs of a cluster share the k range (1, 2, 4, 8; > 1
-// only on sm_90+); n a multiple of 64, k of 64 * splits; x/w rows 16-byte aligned.
-// skinny_linear_splits: the split count for this device and shape.
-constexpr int kMaxSkinnyRows = 64;
-int skinny_linear_splits(int n, int k);
-void skinny_linear(int dtype, const void* x, int64_t x_stride, const void* w, int64_t w_stride, void* y,
-                   int64_t y_stride, int rows, int n, int k, int splits, void* stream);
-
 // Resize-with-pad of up to kMaxCameras uint8 HxWx3 images into out [C, 3, size, size] (dtype),
 // scaled to [-1, 1], pad -1; one launch for all of them.
 constexpr int kMaxCameras = 8;

@@ -384,31 +384,6 @@ def test_linear_accumulate(gpu_and_poison, dtype, bias):
 
 
 # ---------------------------------------------------------------------------------------------
-# Projections of few rows (the skinny GEMM)
-
-SKINNY_CASES = [  # (rows, k, n): the expert's qkv, o, gate_up, down at 50 tokens; the state token; edges
-    (50, 1024, 2560), (50, 2048, 1024), (50, 1024, 8192), (50, 4096, 1024), (1, 1024, 2560), (1, 4096, 1024),
-    (8, 256, 64), (9, 512, 192), (64, 1024, 1024)]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows,k,n", SKINNY_CASES, ids=lambda v: str(v))
-def test_skinny_linear(gpu_and_poison, rows, k, n, dtype):
-    seed = gpu_and_poison
-    x = randn(rows, k + 8, dtype=dtype)[:, 8:]  # a row view with a stride: the kernel reads rows, not a packed block
-    w = randn(n, k, dtype=dtype, scale=k**-0.5)
-    got, ref = native.linear(x, w), torch_ops.linear(x, w)
-    check("linear", got, ref, x.double() @ w.double().T, dtype, seed)
-    assert torch.equal(native.linear(x, w), got), "the split-k reduction must be deterministic"
-
-
-def test_skinny_linear_falls_back_outside_its_shapes(gpu_and_poison):
-    x, w, b = randn(50, 1024, dtype=torch.bfloat16), randn(96, 1024, dtype=torch.bfloat16), randn(96, dtype=torch.bfloat16)
-    for args in [(x, w[:80]), (x, w, b), (randn(65, 1024, dtype=torch.bfloat16), w), (x.float(), w.float())]:
-        assert torch.equal(native.linear(*args), torch_ops.linear(*args))
-
-
-# ---------------------------------------------------------------------------------------------
 # Image preprocessing
 
 

@@ -17,8 +17,6 @@ What the kernels require (otherwise the torch op runs):
   modulation rows, gate) contiguous. Row views of larger tensors are fine.
 - rope_qkv: qkv [T, (H + 2) * D] rows (the fused QKV GEMM output), cos/sin [T, D] rows, caches
   [N, D] with unit column stride (row slices of the [depth, N, D] cache), slots int64 [T] or None.
-- linear: bf16/fp16 without bias, at most 64 rows (the expert's tokens), out features a multiple
-  of 64; more rows run cuBLAS (torch's F.linear).
 - attention: head dim 256, query rows T * H <= the platform's `native_attention_rows` (the
   denoising steps' 400 rows, Pi0's 8 state-token rows); larger query counts (the prefix) run
   torch's FlashAttention / SDPA.
@@ -238,34 +236,6 @@ def linear_accumulate(acc: Tensor, x: Tensor, w: Tensor, b: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Projections of few rows (the action expert's tokens): csrc/linear.cu; cuBLAS for the rest
-
-SKINNY_ROWS = 64  # kMaxSkinnyRows
-
-
-@functools.cache
-def _skinny_splits(index: int, n: int, k: int) -> int:
-    with torch.cuda.device(index):
-        return _kernels.skinny_linear_splits(n, k)
-
-
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    ok = (b is None and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_ROWS and x.dtype in (torch.float16, torch.bfloat16)
-          and _rows_ok(x) and _rows_ok(w, x.dtype) and w.shape[1] == x.shape[1] and w.shape[0] % 64 == 0
-          and x.device == w.device)
-    if ok:
-        n, k = w.shape
-        splits = _skinny_splits(x.device.index or 0, n, k)
-        ok = k % (64 * splits) == 0
-    if not ok:
-        return torch_ops.linear(x, w, b)
-    y = _empty((x.shape[0], n), x.dtype, x.device)
-    _kernels.skinny_linear(_CODES[x.dtype], x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), y.data_ptr(),
-                           y.stride(0), x.shape[0], n, k, splits, _stream(x))
-    return y
-
-
-# ---------------------------------------------------------------------------------------------
 # Attention: split-K kernel for few query rows against the one-head KV cache
 
 
@@ -392,7 +362,7 @@ def native_ops(platform) -> dict:
     ops = {
         "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "ada_rms_norm": ada_rms_norm,
         "add_ada_rms_norm": add_ada_rms_norm, "layer_norm": layer_norm, "add_layer_norm": add_layer_norm,
-        "gelu_tanh_mul": gelu_tanh_mul, "rope_qkv": rope_qkv, "linear": linear, "linear_accumulate": linear_accumulate,
+        "gelu_tanh_mul": gelu_tanh_mul, "rope_qkv": rope_qkv, "linear_accumulate": linear_accumulate,
         "images_to_model": images_to_model, "quantize_fp8": quantize_fp8, "quantize_int8": quantize_int8,
         "dequantize_int8": dequantize_int8,
     }

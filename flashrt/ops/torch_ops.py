@@ -130,11 +130,6 @@ def attention_flash_varlen(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Te
     return out.view(t, h * d)
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x @ w.T + b: a projection with bf16/fp16/fp32 weights (cuBLAS on a GPU)."""
-    return F.linear(x, w, b)
-
-
 def linear_accumulate(acc: Tensor, x: Tensor, w: Tensor, b: Tensor) -> None:
     """acc += x @ w.T + b, acc in float32: the flow's Euler update x_t += dt * v with dt folded into w, b."""
     acc.add_(F.linear(x, w, b))

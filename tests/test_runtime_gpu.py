@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from numpy.testing import assert_allclose  # imported here: numpy.testing loads lazily, ~10 ms under the GIL
 
 import flashrt
 from runtime.client import ActionSubscriber, ObservationPublisher, PolicyClient
@@ -47,7 +48,7 @@ def test_scheduled_runtime_on_cuda():
         c.reset(model="req")
         got = [c.infer(o, model="req")["actions"] for o in observations]
         for a, b in zip(got, expected):
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+            assert_allclose(a, b, rtol=0, atol=1e-5)
         chunks = [sub.recv() for _ in range(10)]
         assert all(b["seq"] > a["seq"] for a, b in zip(chunks, chunks[1:]))
         latencies = [round(x["latency_ms"], 2) for x in chunks]

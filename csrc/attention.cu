@@ -98,6 +98,7 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
                          const T* __restrict__ v, int64_t v_stride, T* __restrict__ out, int64_t out_stride,
                          int rows, int n_keys, const int32_t* __restrict__ cu_q, const int32_t* __restrict__ cu_k,
                          const bool* __restrict__ key_mask, float* __restrict__ part_o, float* __restrict__ part_ml) {
+  pdl_prologue();
   constexpr int kBM = 16 * W, kThreads = 32 * W;
   extern __shared__ __align__(16) unsigned char smem[];
   uint4* Qs = reinterpret_cast<uint4*>(smem);
@@ -306,6 +307,7 @@ template <typename T>
 __global__ void attention_combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
                                          T* __restrict__ out, int64_t out_stride, int rows, int splits,
                                          const int32_t* __restrict__ cu_q) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= valid_rows(cu_q, rows)) return;
@@ -355,15 +357,13 @@ void launch_attention(const void* q, int64_t q_stride, const void* k, int64_t k_
     configured[dev] = true;
   }
   dim3 grid((rows + kBM - 1) / kBM, splits);
-  kernel<<<grid, 32 * W, kSmemBytes, stream>>>(
+  launch("attention_decode (partial)", kernel, grid, 32 * W, kSmemBytes, stream,
       static_cast<const T*>(q), q_stride, static_cast<const T*>(k), k_stride, static_cast<const T*>(v), v_stride,
       static_cast<T*>(out), out_stride, rows, n_keys, cu_q, cu_k, key_mask, part_o, part_ml);
-  check_launch("attention_decode (partial)");
   if (splits > 1) {
     constexpr int rows_per_block = 4;
-    attention_combine_kernel<T><<<(rows + rows_per_block - 1) / rows_per_block, rows_per_block * 32, 0, stream>>>(
-        part_o, part_ml, static_cast<T*>(out), out_stride, rows, splits, cu_q);
-    check_launch("attention_decode (combine)");
+    launch("attention_decode (combine)", attention_combine_kernel<T>, (rows + rows_per_block - 1) / rows_per_block,
+           rows_per_block * 32, 0, stream, part_o, part_ml, static_cast<T*>(out), out_stride, rows, splits, cu_q);
   }
 }
 

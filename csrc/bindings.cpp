@@ -53,6 +53,10 @@ PYBIND11_MODULE(_kernels, m) {
   m.attr("requested_archs") = FLASHRT_REQUESTED_ARCHS;  // FLASHRT_CUDA_ARCHS at build time ("" = default)
   m.attr("max_cameras") = flashrt::kMaxCameras;
 
+  m.def("set_programmatic_launch", &flashrt::set_programmatic_launch, py::arg("on"),
+        "Programmatic dependent launch (sm_90+) for the kernels launched from now on (default on; off to measure "
+        "it). Returns whether the current device supports it.");
+
   m.def("norm",
         [](int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t y, int64_t y_stride, std::uintptr_t gate,
            std::uintptr_t scale, std::uintptr_t shift, std::uintptr_t out, int64_t out_stride, int rows, int width,

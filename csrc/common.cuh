@@ -1,5 +1,5 @@
 // Shared helpers for the FlashRT kernels: dtype codes, 16-byte vector loads/stores, warp/block
-// reductions and launch error checking.
+// reductions, and the one launch path every kernel goes through.
 //
 // Every kernel in csrc/ takes raw device pointers, sizes and a cudaStream_t: no torch headers, no
 // host synchronization, no allocation. That keeps each launch capturable in a CUDA graph. The host
@@ -15,21 +15,72 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace flashrt {
 
 // dtype codes shared with flashrt/ops/native.py
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-inline void check_launch(const char* what) {
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("flashrt._kernels.") + what + ": " + cudaGetErrorString(err));
-  }
-}
-
 inline void require(bool ok, const char* what, const char* msg) {
   if (!ok) throw std::invalid_argument(std::string("flashrt._kernels.") + what + ": " + msg);
+}
+
+// ---- launches -----------------------------------------------------------------------------------
+// Programmatic dependent launch (PDL, sm_90+). At batch 1 most kernels here run for 2-5 us, and
+// the gap between two dependent kernels (the next grid's launch and block scheduling after the
+// previous one has drained) is ~1 us of it. A kernel launched with PDL may be scheduled while the
+// kernel before it on the stream is still running: its blocks start, then wait in
+// griddepcontrol.wait until that grid has completed and its writes are visible. So every kernel
+// begins with pdl_prologue(), before it touches global memory: correctness never depends on where
+// the trigger sits. The trigger at the same place lets the next kernel of ours launch as soon as
+// all of this grid's blocks are resident. Kernels launched without PDL (cuBLAS's GEMMs) wait for
+// the whole previous grid as usual. Captured into CUDA graphs as programmatic edges (CUDA 12.3+).
+__device__ __forceinline__ void pdl_prologue() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Off only to measure what PDL gains (flashrt._kernels.set_programmatic_launch).
+inline bool& programmatic_launch_enabled() {
+  static bool enabled = true;
+  return enabled;
+}
+
+// PDL needs sm_90 or newer; the attribute is left off elsewhere. Cached per device.
+inline bool programmatic_launch_supported() {
+  static signed char known[64] = {};  // 0 unknown, 1 yes, -1 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (known[dev] == 0) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    known[dev] = major >= 9 ? 1 : -1;
+  }
+  return known[dev] > 0;
+}
+
+// Every kernel launch: with PDL where the device has it, errors thrown as RuntimeError.
+template <typename... Params, typename... Args>
+void launch(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+            Args&&... args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = programmatic_launch_enabled() && programmatic_launch_supported() ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear it: the next launch must not report this one
+    throw std::runtime_error(std::string("flashrt._kernels.") + what + ": " + cudaGetErrorString(err));
+  }
 }
 
 // ---- scalar conversions -------------------------------------------------------------------------

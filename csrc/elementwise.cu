@@ -26,6 +26,7 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 template <typename T>
 __global__ void gelu_tanh_mul_kernel(const T* __restrict__ gu, int64_t gu_stride, T* __restrict__ out, int m,
                                      const float* __restrict__ inv_scale) {
+  pdl_prologue();
   constexpr int N = Vec<T>::N;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;  // vector index within the row
   if (c * N >= m) return;
@@ -47,6 +48,7 @@ __global__ void gelu_tanh_mul_kernel(const T* __restrict__ gu, int64_t gu_stride
 template <typename T>
 __global__ void quantize_fp8_kernel(const T* __restrict__ x, int64_t x_stride, uint8_t* __restrict__ out,
                                     int width, const float* __restrict__ inv_scale) {
+  pdl_prologue();
   constexpr int N = Vec<T>::N;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c * N >= width) return;
@@ -68,6 +70,7 @@ __global__ void quantize_fp8_kernel(const T* __restrict__ x, int64_t x_stride, u
 template <typename T>
 __global__ void quantize_int8_kernel(const T* __restrict__ x, int64_t x_stride, int8_t* __restrict__ q,
                                      float* __restrict__ scale, int rows, int width) {
+  pdl_prologue();
   constexpr int N = Vec<T>::N;
   __shared__ float scratch[33];
   const int64_t row = blockIdx.x;
@@ -109,6 +112,7 @@ template <typename T>
 __global__ void dequantize_int8_kernel(const int32_t* __restrict__ acc, int64_t acc_stride,
                                        const float* __restrict__ row_scale, const float* __restrict__ col_scale,
                                        const T* __restrict__ bias, T* __restrict__ out, int64_t out_stride, int n) {
+  pdl_prologue();
   const int c = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
   if (c >= n) return;
   const int64_t r = blockIdx.y;
@@ -139,6 +143,7 @@ __global__ void rope_qkv_kernel(const T* __restrict__ qkv, int64_t qkv_stride, c
                                 int64_t cos_stride, const T* __restrict__ sin, int64_t sin_stride, int heads,
                                 int d, T* __restrict__ q_out, T* __restrict__ k_cache, int64_t k_stride,
                                 T* __restrict__ v_cache, int64_t v_stride, const int64_t* __restrict__ slots) {
+  pdl_prologue();
   constexpr int N = Vec<T>::N;
   const int64_t t = blockIdx.x;
   const int half = d / 2;
@@ -189,6 +194,7 @@ template <typename T>
 __global__ void linear_accumulate_kernel(float* __restrict__ acc, int64_t acc_stride, const T* __restrict__ x,
                                          int64_t x_stride, const T* __restrict__ w, int64_t w_stride,
                                          const T* __restrict__ b, int rows, int n_out, int k) {
+  pdl_prologue();
   constexpr int N = Vec<T>::N;
   const int lane = threadIdx.x & 31;
   const int64_t item = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -228,6 +234,7 @@ struct CameraBatch {
 
 template <typename T>
 __global__ void images_to_model_kernel(CameraBatch batch, T* __restrict__ out, int size) {
+  pdl_prologue();
   const int p = blockIdx.x * blockDim.x + threadIdx.x;
   const int plane = size * size;
   if (p >= plane) return;
@@ -278,10 +285,9 @@ void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int 
     constexpr int threads = 256;
     const int nvec = m / Vec<T>::N;
     dim3 grid((nvec + threads - 1) / threads, rows);
-    gelu_tanh_mul_kernel<T><<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+    launch("gelu_tanh_mul", gelu_tanh_mul_kernel<T>, grid, threads, 0, static_cast<cudaStream_t>(stream),
         static_cast<const T*>(gu), gu_stride, static_cast<T*>(out), m, inv_scale);
   });
-  check_launch("gelu_tanh_mul");
 }
 
 void quantize_int8(int dtype, const void* x, int64_t x_stride, void* q, float* scale, int rows, int rows_out,
@@ -290,10 +296,9 @@ void quantize_int8(int dtype, const void* x, int64_t x_stride, void* q, float* s
   if (rows_out == 0) return;
   dispatch(dtype, "quantize_int8", [&](auto tag) {
     using T = decltype(tag);
-    quantize_int8_kernel<T><<<rows_out, 256, 0, static_cast<cudaStream_t>(stream)>>>(
+    launch("quantize_int8", quantize_int8_kernel<T>, rows_out, 256, 0, static_cast<cudaStream_t>(stream),
         static_cast<const T*>(x), x_stride, static_cast<int8_t*>(q), scale, rows, width);
   });
-  check_launch("quantize_int8");
 }
 
 void dequantize_int8(int dtype, const int32_t* acc, int64_t acc_stride, const float* row_scale, const float* col_scale,
@@ -304,10 +309,9 @@ void dequantize_int8(int dtype, const int32_t* acc, int64_t acc_stride, const fl
     using T = decltype(tag);
     constexpr int threads = 256;
     dim3 grid((n / 4 + threads - 1) / threads, rows);
-    dequantize_int8_kernel<T><<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+    launch("dequantize_int8", dequantize_int8_kernel<T>, grid, threads, 0, static_cast<cudaStream_t>(stream),
         acc, acc_stride, row_scale, col_scale, static_cast<const T*>(bias), static_cast<T*>(out), out_stride, n);
   });
-  check_launch("dequantize_int8");
 }
 
 void quantize_fp8(int dtype, const void* x, int64_t x_stride, void* out, int rows, int width, const float* inv_scale,
@@ -319,10 +323,9 @@ void quantize_fp8(int dtype, const void* x, int64_t x_stride, void* out, int row
     using T = decltype(tag);
     constexpr int threads = 256;
     dim3 grid((width / Vec<T>::N + threads - 1) / threads, rows);
-    quantize_fp8_kernel<T><<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+    launch("quantize_fp8", quantize_fp8_kernel<T>, grid, threads, 0, static_cast<cudaStream_t>(stream),
         static_cast<const T*>(x), x_stride, static_cast<uint8_t*>(out), width, inv_scale);
   });
-  check_launch("quantize_fp8");
 }
 
 void rope_qkv(int dtype, const void* qkv, int64_t qkv_stride, const void* cos, int64_t cos_stride,
@@ -333,12 +336,11 @@ void rope_qkv(int dtype, const void* qkv, int64_t qkv_stride, const void* cos, i
   if (rows == 0) return;
   dispatch(dtype, "rope_qkv", [&](auto tag) {
     using T = decltype(tag);
-    rope_qkv_kernel<T><<<rows, 128, 0, static_cast<cudaStream_t>(stream)>>>(
+    launch("rope_qkv", rope_qkv_kernel<T>, rows, 128, 0, static_cast<cudaStream_t>(stream),
         static_cast<const T*>(qkv), qkv_stride, static_cast<const T*>(cos), cos_stride,
         static_cast<const T*>(sin), sin_stride, heads, d, static_cast<T*>(q_out), static_cast<T*>(k_cache),
         k_stride, static_cast<T*>(v_cache), v_stride, slots);
   });
-  check_launch("rope_qkv");
 }
 
 void linear_accumulate(int dtype, float* acc, int64_t acc_stride, const void* x, int64_t x_stride,
@@ -350,11 +352,15 @@ void linear_accumulate(int dtype, float* acc, int64_t acc_stride, const void* x,
     using T = decltype(tag);
     constexpr int warps = 8;
     const int64_t items = (int64_t)rows * n_out;
-    linear_accumulate_kernel<T><<<(unsigned)((items + warps - 1) / warps), warps * 32, 0, static_cast<cudaStream_t>(stream)>>>(
-        acc, acc_stride, static_cast<const T*>(x), x_stride, static_cast<const T*>(w), w_stride,
+    launch("linear_accumulate", linear_accumulate_kernel<T>, (unsigned)((items + warps - 1) / warps), warps * 32, 0,
+           static_cast<cudaStream_t>(stream), acc, acc_stride, static_cast<const T*>(x), x_stride, static_cast<const T*>(w), w_stride,
         static_cast<const T*>(b), rows, n_out, k);
   });
-  check_launch("linear_accumulate");
+}
+
+bool set_programmatic_launch(bool on) {
+  programmatic_launch_enabled() = on;
+  return programmatic_launch_supported();
 }
 
 void images_to_model(int dtype, const CameraImage* cams, int n, void* out, int size, void* stream) {
@@ -372,9 +378,9 @@ void images_to_model(int dtype, const CameraImage* cams, int n, void* out, int s
     using T = decltype(tag);
     constexpr int threads = 256;
     dim3 grid((size * size + threads - 1) / threads, n);
-    images_to_model_kernel<T><<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(batch, static_cast<T*>(out), size);
+    launch("images_to_model", images_to_model_kernel<T>, grid, threads, 0, static_cast<cudaStream_t>(stream), batch,
+           static_cast<T*>(out), size);
   });
-  check_launch("images_to_model");
 }
 
 }  // namespace flashrt

@@ -24,6 +24,7 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
                             const T* __restrict__ gate, const T* __restrict__ scale,
                             const T* __restrict__ shift, T* __restrict__ out, int64_t out_stride,
                             int width, float eps, const float* __restrict__ inv_scale) {
+  pdl_prologue();
   constexpr int N = Vec<T>::N;
   __shared__ float scratch[33];
   const int64_t row = blockIdx.x;
@@ -115,11 +116,11 @@ void launch_norm(T* x, int64_t x_stride, const T* y, int64_t y_stride, const T* 
   // One vector per thread up to 1024 vectors (8192 bf16), four beyond that (32768 bf16).
   if (nvec <= 1024) {
     const int threads = ((nvec + 31) / 32) * 32;
-    norm_kernel<T, 1, RES, LN, AFFINE><<<rows, threads, 0, stream>>>(
+    launch("norm", norm_kernel<T, 1, RES, LN, AFFINE>, rows, threads, 0, stream,
         x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, width, eps, inv_scale);
   } else {
     const int threads = (((nvec + 3) / 4 + 31) / 32) * 32;
-    norm_kernel<T, 4, RES, LN, AFFINE><<<rows, threads, 0, stream>>>(
+    launch("norm", norm_kernel<T, 4, RES, LN, AFFINE>, rows, threads, 0, stream,
         x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, width, eps, inv_scale);
   }
 }
@@ -178,7 +179,6 @@ void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride,
     case kBFloat16: norm_t<__nv_bfloat16>(x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
     default: require(false, "norm", "unsupported dtype");
   }
-  check_launch("norm");
 }
 
 }  // namespace flashrt

@@ -1,8 +1,10 @@
 """FP8 and INT8 against bf16 at full size: accuracy over 20 observations and latency, with LeRobot.
 
 For Pi0.5 (2 cameras) and Pi0 (3 cameras), random weights at full size: one bf16 policy, one FP8 and
-one INT8 (each calibrated and guarded at load, see flashrt/calibrate.py), and two FP8 variants: one
-weight scale per output channel (`calibration.fp8_weight_scales: channel`) and SigLIP left in bf16
+one INT8 (each calibrated and guarded at load, see flashrt/calibrate.py), and three FP8 variants:
+every projection in FP8 (`calibration.keep_bf16: []`; the default keeps SigLIP's attention
+projections in bf16, quant.KEEP_BF16), one weight scale per output channel
+(`calibration.fp8_weight_scales: channel`) and all of SigLIP in bf16
 (`calibration.keep_bf16: ["vision.*"]`). Accuracy: 20 random
 observations, the same noise for every precision: mean and worst cosine of the action chunk to bf16
 and the max relative error. Latency: graph replay and `infer()` p50/p95 for each precision, and
@@ -30,9 +32,10 @@ import flashrt  # noqa: E402
 from flashrt.calibrate import cosine  # noqa: E402
 
 
-# (label, precision, calibration settings): FP8 with the default tensor-wide weight scales, with one
-# scale per output channel, and with SigLIP kept in bf16
-VARIANTS = [("bf16", "bf16", {}), ("fp8", "fp8", {}), ("fp8_channel_scales", "fp8", {"fp8_weight_scales": "channel"}),
+# (label, precision, calibration settings): FP8 as configured by default, with every projection
+# quantized, with one weight scale per output channel, and with all of SigLIP kept in bf16
+VARIANTS = [("bf16", "bf16", {}), ("fp8", "fp8", {}), ("fp8_all", "fp8", {"keep_bf16": []}),
+            ("fp8_channel_scales", "fp8", {"fp8_weight_scales": "channel"}),
             ("fp8_vision_bf16", "fp8", {"keep_bf16": ["vision.*"]}), ("int8", "int8", {})]
 
 

@@ -4,7 +4,7 @@
    activation it sees (FP8 needs these static scales; INT8 scales per token at run time). The first
    observation's action chunk, with fixed noise, is kept as the reference.
 2. Every big linear of SigLIP, the Gemma prefix and the action expert is quantized in place, except
-   those named by `calibration.keep_bf16`.
+   those named by `calibration.keep_bf16` (unset: the precision's default, `quant.KEEP_BF16`).
 3. After capture, the same observation and noise run through the quantized engine: the policy
    refuses to serve if the chunk's cosine to the bf16 reference is below `calibration.min_cosine`.
 
@@ -64,9 +64,9 @@ def prepare(policy, precision: str, key_parts: dict) -> dict:
     cfg = policy.config.calibration
     obs = observations(policy, cfg.count, cfg.observations)
     noise = np.random.default_rng(0).normal(size=(policy.spec.action_horizon, policy.dims.action_dim)).astype(np.float32)
-    key = quant.cache_key(precision=precision, **key_parts)
+    keep = list(quant.KEEP_BF16[precision] if cfg.keep_bf16 is None else cfg.keep_bf16)
+    key = quant.cache_key(precision=precision, keep_bf16=keep, **key_parts)
     cached = None if cfg.refresh else quant.load_cached(key)
-    keep = cfg.keep_bf16
     linears = [lin for lin in policy.model.linears() if not any(fnmatchcase(lin[0], p) for p in keep)]
     if not linears:
         raise ConfigError(f"calibration.keep_bf16 {keep} keeps every projection in bf16: nothing is left to "
@@ -101,7 +101,7 @@ def prepare(policy, precision: str, key_parts: dict) -> dict:
             setattr(o, b, None)
     if policy.device.type == "cuda":
         torch.cuda.empty_cache()  # the bf16 weights just replaced go back to the driver
-    return {"key": key, "cache": str(quant.cache_dir() / f"{key}.json"), "cached": cached is not None,
+    return {"key": key, "kept_bf16": keep, "cache": str(quant.cache_dir() / f"{key}.json"), "cached": cached is not None,
             "stored": str(path) if path else None, "observations": len(obs), "reference": reference,
             "probe": (obs[0], noise)}
 

@@ -204,8 +204,9 @@ class CalibrationConfig:
     count: int = 8  # synthetic observations
     refresh: bool = False  # recompute the scales even when the cache has them
     min_cosine: float = 0.99  # refuse to serve below this cosine to bf16 on a calibration observation
-    # Projections left in bf16: fnmatch patterns over their names (`vision.3.fc1`, `vlm.*.o`, `expert.*`)
-    keep_bf16: list[str] = field(default_factory=list)
+    # Projections left in bf16: fnmatch patterns over their names (`vision.3.fc1`, `vlm.*.o`, `expert.*`);
+    # unset: the precision's default (quant.KEEP_BF16)
+    keep_bf16: list[str] | None = None
     # FP8 weight scales: one per tensor (cuBLASLt's FP8 GEMM, bias fused) or one per output channel
     # (a row-wise-scaled GEMM, slower at batch 1)
     fp8_weight_scales: str = "tensor"

@@ -146,8 +146,7 @@ class Policy:
                 dims=dataclasses.asdict(dims),
                 horizon=horizon, steps=config.num_steps, buckets=buckets, cameras=self.spec.cameras,
                 state_dim=config.state_dim, normalization=norm.source, platform=plat.name,
-                capability=plat.capability, calibration=config.calibration.observations, count=config.calibration.count,
-                keep_bf16=config.calibration.keep_bf16))
+                capability=plat.capability, calibration=config.calibration.observations, count=config.calibration.count))
         with torch.inference_mode():
             self.engine.capture()
         if calib is not None:

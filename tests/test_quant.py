@@ -102,7 +102,13 @@ def test_quantized_policy_calibrates_caches_and_guards(tiny, precision):
     p = flashrt.load({**tiny, "precision": precision})
     c = p.spec.calibration
     assert p.spec.precision == precision and not c["cached"] and c["cosine"] >= 0.99
-    assert isinstance(p.model.vlm[0].qkv, quant.QuantWeight) and p.model.siglip.layers[0].qkv_b is None
+    assert isinstance(p.model.vlm[0].qkv, quant.QuantWeight) and isinstance(p.model.siglip.layers[0].fc1_w, quant.QuantWeight)
+    vision_qkv = p.model.siglip.layers[0].qkv_w
+    if precision == "fp8":  # SigLIP's attention projections stay bf16 unless keep_bf16 says otherwise
+        assert isinstance(vision_qkv, torch.Tensor) and p.model.siglip.layers[0].qkv_b is not None
+    else:
+        assert isinstance(vision_qkv, quant.QuantWeight) and p.model.siglip.layers[0].qkv_b is None
+    assert c["kept_bf16"] == list(quant.KEEP_BF16[precision])
     rng = np.random.default_rng(0)
     obs = {"images": {k: rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for k in "ab"},
            "state": np.zeros(8, np.float32)}
@@ -131,6 +137,9 @@ def test_keep_bf16_leaves_the_named_projections_unquantized(tiny):
     assert p.spec.calibration["cosine"] >= 0.99
     plain = flashrt.load({**tiny, "precision": "fp8", "calibration": {"count": 3}}).spec.calibration
     assert plain["key"] != p.spec.calibration["key"]  # a different set of scales, cached apart
+    everything = flashrt.load({**tiny, "precision": "fp8", "calibration": {"count": 3, "keep_bf16": []}})
+    assert all(isinstance(L.qkv_w, quant.QuantWeight) for L in everything.model.siglip.layers)  # [] overrides the default
+    assert everything.spec.calibration["key"] not in (plain["key"], p.spec.calibration["key"])
     with pytest.raises(ConfigError, match=r"keep_bf16 \['\*'\] keeps every projection in bf16"):
         flashrt.load({**tiny, "precision": "int8", "calibration": {"keep_bf16": ["*"]}})
 

@@ -220,6 +220,8 @@ class Server:
                 self._mailbox.run(woken)
             if self._streams.sub is not None and self._streams.sub in events:
                 self._on_observations()
+            if self._retired:  # a swapped-out model goes (its memory with it) once its last request is answered
+                self._retired = [ex for ex in self._retired if not ex.done()]
             if self._reload_requested:
                 self._reload_requested = False
                 threading.Thread(target=self._reload, name="flashrt-reload", daemon=True).start()
@@ -344,7 +346,7 @@ class Server:
             tally.pop("errors")  # failed launches: already among the error replies counted in `errors`
             models[name] = {**ex.stats.snapshot(), **tally, "queue": ex.depth, "generation": ex.model.generation}
         out = {"uptime_s": time.time() - self._started_at, "requests": self._requests,
-               "rejected": dict(self._rejected), "models": models}
+               "rejected": dict(self._rejected), "retiring": len(self._retired), "models": models}
         if self._streams.bound:
             out["streams"] = self._streams.snapshot()
         self._send(req, out)
@@ -444,7 +446,6 @@ class Server:
         if old is not None:
             old.close()
             self._retired.append(old)
-        self._retired = [r for r in self._retired if not r.done()]
         log.info("model %r generation %d serving (loaded in %.2f s%s)", name, ex.model.generation, ex.model.load_s,
                  f", replacing generation {old.model.generation}" if old else "")
         if req is not None:

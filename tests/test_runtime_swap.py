@@ -53,7 +53,7 @@ class Load:
 
 
 def test_swap_under_load_fails_no_request():
-    loader = FakeLoader()
+    loader = FakeLoader(infer_s=0.002)  # long enough to run on the scheduler thread: requests are in flight at the swap
     with Server(deployment(admin_token=TOKEN), loader=loader) as server:
         endpoint = server.bound[0]
         loader.load_s = 0.5  # the new model takes a while to load and capture, as on a GPU
@@ -78,6 +78,11 @@ def test_swap_under_load_fails_no_request():
         with PolicyClient(endpoint) as c:
             assert c.metadata()["generation"] == 2
             assert c.metadata()["spec"]["default_prompt"] == "a new default prompt"
+            # the old model is let go once its last request is answered, not at the next swap
+            deadline = time.monotonic() + 5
+            while c.stats()["retiring"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert c.stats()["retiring"] == 0
 
 
 def test_failed_swap_keeps_the_old_model_serving():

@@ -97,7 +97,8 @@ __global__ void __launch_bounds__(32 * W)
 attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k, int64_t k_stride,
                          const T* __restrict__ v, int64_t v_stride, T* __restrict__ out, int64_t out_stride,
                          int rows, int n_keys, const int32_t* __restrict__ cu_q, const int32_t* __restrict__ cu_k,
-                         const bool* __restrict__ key_mask, float* __restrict__ part_o, float* __restrict__ part_ml) {
+                         const bool* __restrict__ key_mask, float* __restrict__ part_o, float* __restrict__ part_ml,
+                         const float* __restrict__ inv_scale) {
   pdl_prologue();
   constexpr int kBM = 16 * W, kThreads = 32 * W;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -263,21 +264,25 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
   }
   const int row0 = q0 + wr + g, row1 = row0 + 8;
   if (splits == 1) {
-    // Whole key range in this CTA: normalize and store (rows with no valid key give 0).
+    // Whole key range in this CTA: normalize and store (rows with no valid key give 0), as T or,
+    // for an FP8 projection, as its E4M3 input (store_fp8's rounding, two values at a time).
     const float inv0 = l[0] > 0.f ? 1.f / l[0] : 0.f, inv1 = l[1] > 0.f ? 1.f / l[1] : 0.f;
+    const float s8 = inv_scale != nullptr ? *inv_scale : 0.f;
+    auto store2 = [&](int row, int col, float a, float b) {
+      if (inv_scale != nullptr) {
+        *reinterpret_cast<__nv_fp8x2_storage_t*>(reinterpret_cast<uint8_t*>(out) + (int64_t)row * out_stride + col) =
+            __nv_cvt_float2_to_fp8x2(make_float2(round_to<T>(a) * s8, round_to<T>(b) * s8), __NV_SATFINITE, __NV_E4M3);
+      } else {
+        T* p = out + (int64_t)row * out_stride + col;
+        p[0] = from_f<T>(a);
+        p[1] = from_f<T>(b);
+      }
+    };
 #pragma unroll
     for (int n = 0; n < kD / 8; ++n) {
       const int col = n * 8 + 2 * c4;
-      if (row0 < nq) {
-        T* p = out + (int64_t)row0 * out_stride + col;
-        p[0] = from_f<T>(o[n][0] * inv0);
-        p[1] = from_f<T>(o[n][1] * inv0);
-      }
-      if (row1 < nq) {
-        T* p = out + (int64_t)row1 * out_stride + col;
-        p[0] = from_f<T>(o[n][2] * inv1);
-        p[1] = from_f<T>(o[n][3] * inv1);
-      }
+      if (row0 < nq) store2(row0, col, o[n][0] * inv0, o[n][1] * inv0);
+      if (row1 < nq) store2(row1, col, o[n][2] * inv1, o[n][3] * inv1);
     }
     return;
   }
@@ -306,7 +311,7 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
 template <typename T>
 __global__ void attention_combine_kernel(const float* __restrict__ part_o, const float* __restrict__ part_ml,
                                          T* __restrict__ out, int64_t out_stride, int rows, int splits,
-                                         const int32_t* __restrict__ cu_q) {
+                                         const int32_t* __restrict__ cu_q, const float* __restrict__ inv_scale) {
   pdl_prologue();
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -337,14 +342,17 @@ __global__ void attention_combine_kernel(const float* __restrict__ part_o, const
   float r[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) r[i] = acc[i] * inv;
-  store_vec(out + (int64_t)row * out_stride + lane * 8, r);
+  if (inv_scale != nullptr)
+    store_fp8<T>(reinterpret_cast<uint8_t*>(out) + (int64_t)row * out_stride + lane * 8, r, *inv_scale);
+  else
+    store_vec(out + (int64_t)row * out_stride + lane * 8, r);
 }
 
 template <typename T, int W>
 void launch_attention(const void* q, int64_t q_stride, const void* k, int64_t k_stride, const void* v,
                       int64_t v_stride, void* out, int64_t out_stride, int rows, int n_keys, const int32_t* cu_q,
                       const int32_t* cu_k, const bool* key_mask, int splits, float* part_o, float* part_ml,
-                      cudaStream_t stream) {
+                      const float* inv_scale, cudaStream_t stream) {
   constexpr int kBM = 16 * W, kSmemBytes = smem_bytes<W>();
   auto kernel = attention_partial_kernel<T, W>;
   // The dynamic shared-memory opt-in is per device; set it once for each.
@@ -359,11 +367,12 @@ void launch_attention(const void* q, int64_t q_stride, const void* k, int64_t k_
   dim3 grid((rows + kBM - 1) / kBM, splits);
   launch("attention_decode (partial)", kernel, grid, 32 * W, kSmemBytes, stream,
       static_cast<const T*>(q), q_stride, static_cast<const T*>(k), k_stride, static_cast<const T*>(v), v_stride,
-      static_cast<T*>(out), out_stride, rows, n_keys, cu_q, cu_k, key_mask, part_o, part_ml);
+      static_cast<T*>(out), out_stride, rows, n_keys, cu_q, cu_k, key_mask, part_o, part_ml, inv_scale);
   if (splits > 1) {
     constexpr int rows_per_block = 4;
     launch("attention_decode (combine)", attention_combine_kernel<T>, (rows + rows_per_block - 1) / rows_per_block,
-           rows_per_block * 32, 0, stream, part_o, part_ml, static_cast<T*>(out), out_stride, rows, splits, cu_q);
+           rows_per_block * 32, 0, stream, part_o, part_ml, static_cast<T*>(out), out_stride, rows, splits, cu_q,
+           inv_scale);
   }
 }
 
@@ -372,20 +381,20 @@ void launch_attention(const void* q, int64_t q_stride, const void* k, int64_t k_
 void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k, int64_t k_stride,
                       const void* v, int64_t v_stride, void* out, int64_t out_stride, int rows,
                       int n_keys, const int32_t* cu_q, const int32_t* cu_k, const bool* key_mask,
-                      int warps, int splits, float* part_o, float* part_ml, void* stream) {
+                      int warps, int splits, float* part_o, float* part_ml, const float* inv_scale, void* stream) {
   require(splits >= 1 && splits <= 32, "attention_decode", "splits must be in [1, 32]");
   require(warps == 2 || warps == 4, "attention_decode", "warps must be 2 or 4");
   require(splits == 1 || (part_o != nullptr && part_ml != nullptr), "attention_decode", "splits > 1 needs the workspace");
-  require(q_stride % 8 == 0 && k_stride % 8 == 0 && v_stride % 8 == 0 && out_stride % 8 == 0, "attention_decode",
-          "row strides must be multiples of 16 bytes");
+  require(q_stride % 8 == 0 && k_stride % 8 == 0 && v_stride % 8 == 0 && out_stride % (inv_scale ? 16 : 8) == 0,
+          "attention_decode", "row strides must be multiples of 16 bytes");
   if (rows == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   auto run = [&](auto tag) {
     using T = decltype(tag);
     if (warps == 2)
-      launch_attention<T, 2>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, s);
+      launch_attention<T, 2>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, s);
     else
-      launch_attention<T, 4>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, s);
+      launch_attention<T, 4>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, s);
   };
   switch (dtype) {
     case kFloat16: run(__half{}); break;

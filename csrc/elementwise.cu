@@ -42,8 +42,9 @@ __global__ void gelu_tanh_mul_kernel(const T* __restrict__ gu, int64_t gu_stride
 }
 
 // ------------------------------------------------------------------------------------------------
-// FP8 quantization of rows no fused producer writes (the attention output before the o
-// projection): out8[t, j] = e4m3(x[t, j] * *inv_scale), saturating. One 16-byte vector per thread.
+// FP8 quantization of rows no fused producer writes (the prefix's and SigLIP's torch attention
+// before an FP8 o projection, SigLIP's GELU before fc2): out8[t, j] = e4m3(x[t, j] * *inv_scale),
+// saturating. One 16-byte vector per thread.
 // ------------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void quantize_fp8_kernel(const T* __restrict__ x, int64_t x_stride, uint8_t* __restrict__ out,

@@ -74,11 +74,12 @@ void images_to_model(int dtype, const CameraImage* cams, int n, void* out, int s
 // at or past cu_q[1] (when cu_q is given) are left unwritten. A CTA of `warps` (2 or 4) warps
 // takes a tile of 16 x warps query rows; `splits` (<= 32) CTAs share the keys of one tile. With
 // splits > 1 the partial results go to workspace `part_o` (fp32 [splits, R, 256]) and `part_ml`
-// (fp32 [splits, R, 2]) and a second kernel combines them.
+// (fp32 [splits, R, 2]) and a second kernel combines them. FP8 output as for norm: with inv_scale
+// set, out holds one byte per element (out_stride in bytes), the input of an FP8 o projection.
 void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k, int64_t k_stride,
                       const void* v, int64_t v_stride, void* out, int64_t out_stride, int rows,
                       int n_keys, const int32_t* cu_q, const int32_t* cu_k, const bool* key_mask,
-                      int warps, int splits, float* part_o, float* part_ml, void* stream);
+                      int warps, int splits, float* part_o, float* part_ml, const float* inv_scale, void* stream);
 
 // Programmatic dependent launch (sm_90+, common.cuh) for every kernel launched from now on: on by
 // default; off only to measure what it gains. Returns whether this device uses it when on.

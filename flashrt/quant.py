@@ -3,8 +3,8 @@
 Weights are quantized once at load: one scale per output channel (INT8, FP8 on request) or per
 tensor (FP8's default). Activations:
 - FP8: a static per-tensor scale from calibration (amax seen on calibration observations / 448),
-  applied by the kernel that produces the input (a norm, GeGLU; `fp8_input` gives it the scale), or
-  else by `ops.quantize_fp8`; the GEMM is `torch._scaled_mm` with the scales in its epilogue.
+  applied by the kernel that produces the input (a norm, GeGLU, the decoder attention; `fp8_input`
+  gives it the scale), or else by `ops.quantize_fp8`; the GEMM is `torch._scaled_mm` with the scales in its epilogue.
 - INT8: a per-token scale computed on the fly (amax of the row / 127), so no calibration is needed;
   `ops.quantize_int8` (one kernel), `torch._int_mm` (int32 accumulation, runs on sm_87), then
   `ops.dequantize_int8` (one kernel).

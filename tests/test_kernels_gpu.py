@@ -286,6 +286,33 @@ def test_attention_flash_varlen(gpu_and_poison, t, h, n, nk, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("splits", [1, 12])
+def test_attention_fp8_output(gpu_and_poison, splits, dtype):
+    """The FP8 input of an FP8 o projection, written by the attention itself (one split: the partial
+    kernel stores it; several: the merge does): exactly quantize_fp8 of the kernel's own output."""
+    from flashrt.quant import FP8, quantize_fp8
+
+    seed = gpu_and_poison
+    t, h, d, n, nk = 50, 8, 256, 762, 700
+    q = randn(t, h, d, dtype=dtype, scale=d**-0.5 * 2)
+    k, v = randn(n, d, dtype=dtype), randn(n, d, dtype=dtype, scale=4.0)
+    cu_q = torch.tensor([0, t * h], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0, nk], dtype=torch.int32, device=DEV)
+    inv = torch.tensor([448.0 / 0.5], device=DEV)  # |outputs| beyond 0.5 saturate
+    plain = native.attention_decode(q.view(t * h, d), k, v, cu_q, cu_k, None, splits=splits)
+    got = native.attention_decode(q.view(t * h, d), k, v, cu_q, cu_k, None, splits=splits, quant=inv)
+    assert got.dtype == FP8 and not torch.isnan(got.float()).any(), f"unwritten FP8 elements [seed {seed}]"
+    want = quantize_fp8(plain, inv)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), f"FP8 bytes differ [seed {seed}]"
+    assert (got.float().abs() == 448).float().mean() > 0.001, f"nothing saturated [seed {seed}]"
+    fused = native.make_attention_flash_varlen(1024)(q, k, v, cu_q, cu_k, t * h, n, inv)
+    ref = torch_ops.attention_flash_varlen(q, k, v, cu_q, cu_k, t * h, n, inv)
+    assert fused.dtype == ref.dtype == FP8 and fused.shape == ref.shape == (t, h * d)
+    same = (fused.view(torch.uint8) == ref.view(torch.uint8)).float().mean()
+    assert same > 0.95, f"only {same:.3f} of the bytes equal the torch reference's [seed {seed}]"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_attention_valid_query_rows(gpu_and_poison, dtype):
     """Query rows at or past cu_q[1] are left unwritten, as the torch op documents."""
     seed = gpu_and_poison

@@ -75,11 +75,11 @@ class KVWindow:
     cu_k: Tensor | None = None  # int32 [0, n_valid]
     key_mask: Tensor | None = None  # bool [n_keys]
 
-    def attend(self, ops, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    def attend(self, ops, q: Tensor, k_cache: Tensor, v_cache: Tensor, quant: Tensor | None = None) -> Tensor:
         k, v = k_cache[: self.n_keys], v_cache[: self.n_keys]
         if self.key_mask is None:
-            return ops.attention_flash_varlen(q, k, v, self.cu_q, self.cu_k, self.max_q, self.n_keys)
-        return ops.attention_sdpa(q, k, v, self.key_mask)
+            return ops.attention_flash_varlen(q, k, v, self.cu_q, self.cu_k, self.max_q, self.n_keys, quant)
+        return ops.attention_sdpa(q, k, v, self.key_mask, quant)
 
 
 @dataclass
@@ -115,7 +115,7 @@ def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: T
     Each layer writes its K/V into rows `slots` of k_cache[l] / v_cache[l] (rows 0..T-1 if None) and
     attends over `window`. Returns the final-normed output (without the final norm's weight, which
     the caller folds into its output projection), or None with `kv_only` (the prefix and Pi0's state
-    token are only needed for their K/V, so the last layer stops after attention). `span` runs only
+    token are only needed for their K/V, so the last layer stops once they are written). `span` runs only
     those layers (a segment of the stack): the residual stream x carries over between spans.
     """
     span = span if span is not None else range(len(layers))
@@ -124,9 +124,9 @@ def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: T
     for i in span:
         L = layers[i]
         q = ops.rope_qkv(linear(h, L.qkv, ops=ops), cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
-        a = window.attend(ops, q, k_cache[i], v_cache[i])
-        if kv_only and i == last:
+        if kv_only and i == last:  # its K/V rows are written: an attention here would feed nothing
             return None
+        a = window.attend(ops, q, k_cache[i], v_cache[i], fp8_input(L.o))
         h = _add_norm(ops, x, linear(a, L.o, ops=ops), mod, 2 * i, 2 * i + 1, fp8_input(L.gate_up))
         d = linear(ops.gelu_tanh_mul(linear(h, L.gate_up, ops=ops), fp8_input(L.down)), L.down, ops=ops)
         # The next layer's QKV reads this norm; the stack's last output (or a span's, which the

@@ -254,12 +254,14 @@ def attention_splits(rows: int, n_keys: int, device: torch.device, warps: int = 
 
 
 def attention_decode(q2: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor | None, cu_k: Tensor | None,
-                     key_mask: Tensor | None, splits: int | None = None, warps: int = ATTN_WARPS) -> Tensor:
-    """The kernel on q2 [R, 256] (rows = tokens x heads): returns [R, 256]. Callers check the layout."""
+                     key_mask: Tensor | None, splits: int | None = None, warps: int = ATTN_WARPS,
+                     quant: Tensor | None = None) -> Tensor:
+    """The kernel on q2 [R, 256] (rows = tokens x heads): returns [R, 256], FP8 with `quant`. Callers
+    check the layout."""
     rows, n_keys = q2.shape[0], k_cache.shape[0]
     if splits is None:
         splits = attention_splits(rows, n_keys, q2.device, warps)
-    out = _empty((rows, HEAD_DIM), q2.dtype, q2.device)
+    out = _empty((rows, HEAD_DIM), q2.dtype if quant is None else FP8, q2.device)
     part_o = part_ml = None
     if splits > 1:
         part_o = _empty((splits, rows, HEAD_DIM), torch.float32, q2.device)
@@ -268,7 +270,8 @@ def attention_decode(q2: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor 
         _CODES[q2.dtype], q2.data_ptr(), q2.stride(0), k_cache.data_ptr(), k_cache.stride(0), v_cache.data_ptr(),
         v_cache.stride(0), out.data_ptr(), out.stride(0), rows, n_keys, 0 if cu_q is None else cu_q.data_ptr(),
         0 if cu_k is None else cu_k.data_ptr(), 0 if key_mask is None else key_mask.data_ptr(), warps, splits,
-        0 if part_o is None else part_o.data_ptr(), 0 if part_ml is None else part_ml.data_ptr(), _stream(q2))
+        0 if part_o is None else part_o.data_ptr(), 0 if part_ml is None else part_ml.data_ptr(),
+        0 if quant is None else quant.data_ptr(), _stream(q2))
     return out
 
 
@@ -293,26 +296,27 @@ def _int32_pair_ok(t: Tensor | None, device: torch.device) -> bool:
 
 def make_attention_flash_varlen(max_rows: int):
     def attention_flash_varlen(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor, cu_k: Tensor,
-                               max_q: int, max_k: int) -> Tensor:
+                               max_q: int, max_k: int, quant: Tensor | None = None) -> Tensor:
         q2 = _attention_args(q, k_cache, v_cache, max_rows)
-        if q2 is None or not (_int32_pair_ok(cu_q, q.device) and _int32_pair_ok(cu_k, q.device)):
-            return torch_ops.attention_flash_varlen(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k)
+        if q2 is None or not (_int32_pair_ok(cu_q, q.device) and _int32_pair_ok(cu_k, q.device)) \
+                or not _quant_ok(q, quant):
+            return torch_ops.attention_flash_varlen(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k, quant)
         t, h, d = q.shape
-        return attention_decode(q2, k_cache, v_cache, cu_q, cu_k, None).view(t, h * d)
+        return attention_decode(q2, k_cache, v_cache, cu_q, cu_k, None, quant=quant).view(t, h * d)
 
     attention_flash_varlen.__doc__ = torch_ops.attention_flash_varlen.__doc__
     return attention_flash_varlen
 
 
 def make_attention_sdpa(max_rows: int):
-    def attention_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_mask: Tensor) -> Tensor:
+    def attention_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_mask: Tensor, quant: Tensor | None = None) -> Tensor:
         q2 = _attention_args(q, k_cache, v_cache, max_rows)
         ok = (key_mask is not None and key_mask.dtype == torch.bool and key_mask.dim() == 1
               and key_mask.shape[0] == k_cache.shape[0] and key_mask.is_contiguous() and key_mask.device == q.device)
-        if q2 is None or not ok:
-            return torch_ops.attention_sdpa(q, k_cache, v_cache, key_mask)
+        if q2 is None or not ok or not _quant_ok(q, quant):
+            return torch_ops.attention_sdpa(q, k_cache, v_cache, key_mask, quant)
         t, h, d = q.shape
-        return attention_decode(q2, k_cache, v_cache, None, None, key_mask).view(t, h * d)
+        return attention_decode(q2, k_cache, v_cache, None, None, key_mask, quant=quant).view(t, h * d)
 
     attention_sdpa.__doc__ = torch_ops.attention_sdpa.__doc__
     return attention_sdpa

@@ -7,7 +7,8 @@ kernels, since at batch 1 the launch count, not the arithmetic, sets the time.
 Conventions: activations are 2-D [tokens, width] in the model dtype; norms compute their statistics
 in float32; residual streams are updated in place. The norms and GeGLU take `quant`: when an FP8
 projection reads their output, its static inverse input scale ([1] float32), and they return the
-FP8 input of that projection instead (the native kernels write it in the same pass).
+FP8 input of that projection instead (the native kernels write it in the same pass). So do the
+decoder attentions, whose output feeds the o projection.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, k_cache: Tenso
     return rot[:, :n_heads]
 
 
-def attention_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_mask: Tensor) -> Tensor:
+def attention_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_mask: Tensor, quant: Tensor | None = None) -> Tensor:
     """Attention of q [T, H, D] (already scaled by D^-0.5) over one KV head k/v [N, D].
 
     With a single KV head every query row attends the same keys, so the heads fold into the query
@@ -113,11 +114,11 @@ def attention_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_mask: Tensor
     out = F.scaled_dot_product_attention(
         q.reshape(1, 1, t * h, d), k_cache[None, None], v_cache[None, None],
         attn_mask=key_mask[None, None, None, :], scale=1.0)
-    return out.view(t, h * d)
+    return _out(out.view(t, h * d), quant)
 
 
 def attention_flash_varlen(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor, cu_k: Tensor,
-                           max_q: int, max_k: int) -> Tensor:
+                           max_q: int, max_k: int, quant: Tensor | None = None) -> Tensor:
     """FlashAttention-2 varlen through PyTorch: keys [0, cu_k[1]) and queries [0, cu_q[1]) are valid.
 
     The valid lengths live on the device (int32 [2] tensors), so one captured graph serves every
@@ -127,7 +128,7 @@ def attention_flash_varlen(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Te
     out = torch.ops.aten._flash_attention_forward(
         q.reshape(t * h, 1, d), k_cache[:, None], v_cache[:, None], cu_q, cu_k, max_q, max_k,
         0.0, False, False, scale=1.0)[0]
-    return out.view(t, h * d)
+    return _out(out.view(t, h * d), quant)
 
 
 def linear_accumulate(acc: Tensor, x: Tensor, w: Tensor, b: Tensor) -> None:

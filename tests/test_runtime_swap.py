@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -157,3 +159,28 @@ def test_reload_applies_config_file_changes(tmp_path):
         server.reload()
         wait_for({"a": 1, "c": 4})
         assert len(loader.policies) == 4
+
+
+def test_a_swapped_out_model_is_freed_despite_the_frozen_heap():
+    """Serving freezes the heap, so no garbage collection walks the models while serving; a model
+    swapped out is still freed, reference cycles included, once its last request is answered."""
+    loader, first = FakeLoader(), []
+
+    def load(config):
+        policy = loader(config)
+        loader.policies.clear()  # the test keeps a weak reference only
+        policy.cycle = policy  # only the garbage collector can free a cycle
+        if not first:
+            first.append(weakref.ref(policy))
+        return policy
+
+    with Server(deployment(admin_token=TOKEN), loader=load) as server:
+        assert gc.get_freeze_count() > 0
+        with PolicyClient(server.bound[0], token=TOKEN) as c:
+            c.infer(observation())
+            assert c.load(model_dict())["replaced"] == 1
+            deadline = time.monotonic() + 5
+            while (c.stats()["retiring"] or first[0]() is not None) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert first[0]() is None, "the swapped-out model is still alive"
+            assert c.infer(observation())["actions"].shape == (10, 7)

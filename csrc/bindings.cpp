@@ -67,12 +67,13 @@ PYBIND11_MODULE(_kernels, m) {
         "Residual (none / add / gated) + RMSNorm or LayerNorm + optional scale/shift, one pass; FP8 output "
         "when inv_scale is set.");
 
-  m.def("gelu_tanh_mul",
-        [](int dtype, std::uintptr_t gu, int64_t gu_stride, std::uintptr_t out, int rows, int m, std::uintptr_t inv_scale,
-           std::uintptr_t stream) {
-          flashrt::gelu_tanh_mul(dtype, P(gu), gu_stride, P(out), rows, m, reinterpret_cast<const float*>(inv_scale),
-                                 P(stream));
-        });
+  m.def("gelu_tanh",
+        [](int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t out, int rows, int m, bool gated,
+           std::uintptr_t inv_scale, std::uintptr_t stream) {
+          flashrt::gelu_tanh(dtype, P(x), x_stride, P(out), rows, m, gated, reinterpret_cast<const float*>(inv_scale),
+                             P(stream));
+        },
+        "GeGLU on [gate | up] (gated) or plain tanh GELU; FP8 output when inv_scale is set.");
 
   m.def("quantize_int8",
         [](int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t q, std::uintptr_t scale, int rows, int rows_out,

@@ -10,8 +10,8 @@ namespace {
 
 // ------------------------------------------------------------------------------------------------
 // GeGLU: out[t, j] = gelu_tanh(gate[t, j]) * up[t, j], reading the fused gate/up GEMM output
-// gu = [gate | up] ([rows, 2m]) directly. One 16-byte vector of gate and the matching vector of up
-// per thread; blockIdx.y is the row, so no division per element. gelu_tanh as PyTorch writes it:
+// gu = [gate | up] ([rows, 2m]) directly; or, not GATED, SigLIP's plain out = gelu_tanh(x). One
+// 16-byte vector of gate and the matching vector of up per thread; blockIdx.y is the row, so no division per element. gelu_tanh as PyTorch writes it:
 // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in fp32 with one rounding of the product.
 // Bytes: read 2m, write m elements per row (m bytes when written as FP8 for the down projection,
 // see store_fp8).
@@ -23,27 +23,32 @@ __device__ __forceinline__ float gelu_tanh(float x) {
   return 0.5f * x * (1.f + tanhf(inner));
 }
 
-template <typename T>
-__global__ void gelu_tanh_mul_kernel(const T* __restrict__ gu, int64_t gu_stride, T* __restrict__ out, int m,
-                                     const float* __restrict__ inv_scale) {
+template <typename T, bool GATED>
+__global__ void gelu_tanh_kernel(const T* __restrict__ gu, int64_t gu_stride, T* __restrict__ out, int m,
+                                 const float* __restrict__ inv_scale) {
   pdl_prologue();
   constexpr int N = Vec<T>::N;
   const int c = blockIdx.x * blockDim.x + threadIdx.x;  // vector index within the row
   if (c * N >= m) return;
   const int64_t row = blockIdx.y;
   const T* g = gu + row * gu_stride + c * N;
-  float a[N], b[N], o[N];
+  float a[N], o[N];
   load_vec_ro(g, a);
-  load_vec_ro(g + m, b);
 #pragma unroll
-  for (int i = 0; i < N; ++i) o[i] = gelu_tanh(a[i]) * b[i];
+  for (int i = 0; i < N; ++i) o[i] = gelu_tanh(a[i]);
+  if constexpr (GATED) {
+    float b[N];
+    load_vec_ro(g + m, b);
+#pragma unroll
+    for (int i = 0; i < N; ++i) o[i] *= b[i];
+  }
   if (inv_scale != nullptr) store_fp8<T>(reinterpret_cast<uint8_t*>(out) + row * (int64_t)m + c * N, o, *inv_scale);
   else store_vec(out + row * (int64_t)m + c * N, o);
 }
 
 // ------------------------------------------------------------------------------------------------
 // FP8 quantization of rows no fused producer writes (the prefix's and SigLIP's torch attention
-// before an FP8 o projection, SigLIP's GELU before fc2): out8[t, j] = e4m3(x[t, j] * *inv_scale),
+// before an FP8 o projection): out8[t, j] = e4m3(x[t, j] * *inv_scale),
 // saturating. One 16-byte vector per thread.
 // ------------------------------------------------------------------------------------------------
 template <typename T>
@@ -276,18 +281,18 @@ void dispatch(int dtype, const char* what, F&& f) {
 
 }  // namespace
 
-void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int rows, int m, const float* inv_scale,
-                   void* stream) {
-  require(m % (dtype == kFloat32 ? 4 : 8) == 0, "gelu_tanh_mul", "m must be a multiple of 16 bytes");
-  require(inv_scale == nullptr || dtype != kFloat32, "gelu_tanh_mul", "FP8 output is for bf16/fp16 models");
+void gelu_tanh(int dtype, const void* x, int64_t x_stride, void* out, int rows, int m, bool gated,
+               const float* inv_scale, void* stream) {
+  require(m % (dtype == kFloat32 ? 4 : 8) == 0, "gelu_tanh", "m must be a multiple of 16 bytes");
+  require(inv_scale == nullptr || dtype != kFloat32, "gelu_tanh", "FP8 output is for bf16/fp16 models");
   if (rows == 0 || m == 0) return;
-  dispatch(dtype, "gelu_tanh_mul", [&](auto tag) {
+  dispatch(dtype, "gelu_tanh", [&](auto tag) {
     using T = decltype(tag);
     constexpr int threads = 256;
     const int nvec = m / Vec<T>::N;
     dim3 grid((nvec + threads - 1) / threads, rows);
-    launch("gelu_tanh_mul", gelu_tanh_mul_kernel<T>, grid, threads, 0, static_cast<cudaStream_t>(stream),
-        static_cast<const T*>(gu), gu_stride, static_cast<T*>(out), m, inv_scale);
+    launch("gelu_tanh", gated ? gelu_tanh_kernel<T, true> : gelu_tanh_kernel<T, false>, grid, threads, 0,
+           static_cast<cudaStream_t>(stream), static_cast<const T*>(x), x_stride, static_cast<T*>(out), m, inv_scale);
   });
 }
 

@@ -24,10 +24,11 @@ void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride,
           const void* scale, const void* shift, void* out, int64_t out_stride, int rows, int width,
           float eps, int residual, bool layer_norm, const float* inv_scale, void* stream);
 
-// GeGLU: out[t, j] = gelu_tanh(gu[t, j]) * gu[t, m + j]; gu [rows, 2m] (row stride gu_stride),
-// out [rows, m] contiguous; FP8 output with inv_scale as for norm.
-void gelu_tanh_mul(int dtype, const void* gu, int64_t gu_stride, void* out, int rows, int m, const float* inv_scale,
-                   void* stream);
+// GeGLU (gated): out[t, j] = gelu_tanh(x[t, j]) * x[t, m + j], x [rows, 2m]; else out[t, j] =
+// gelu_tanh(x[t, j]), x [rows, m]; row stride x_stride, out [rows, m] contiguous; FP8 output with
+// inv_scale as for norm.
+void gelu_tanh(int dtype, const void* x, int64_t x_stride, void* out, int rows, int m, bool gated,
+               const float* inv_scale, void* stream);
 
 // INT8 W8A8 around torch._int_mm: per-token quantization of x [rows, width] into q int8
 // [rows_out, width] (rows past `rows` zeroed: _int_mm's minimum height) and scale float32 [rows];

@@ -179,7 +179,7 @@ def test_native_dispatch_namespace(monkeypatch):
     ns = ops.for_platform(plat)
     assert ns.native is True
     for name in ("rms_norm", "add_rms_norm", "ada_rms_norm", "add_ada_rms_norm", "layer_norm", "add_layer_norm",
-                 "gelu_tanh_mul", "rope_qkv", "linear_accumulate", "images_to_model"):
+                 "gelu_tanh_mul", "gelu_tanh", "rope_qkv", "linear_accumulate", "images_to_model"):
         assert getattr(ns, name) is getattr(native, name), name
     assert ns.attention_flash_varlen is not torch_ops.attention_flash_varlen
     assert ns.attention_mha is torch_ops.attention_mha  # no native version
@@ -210,6 +210,7 @@ def test_native_wrappers_fall_back_on_cpu_tensors():
         torch.testing.assert_close(x1, x2, rtol=0, atol=0)  # the residual stream is updated in place
     gu = r(5, 32)
     torch.testing.assert_close(native.gelu_tanh_mul(gu), torch_ops.gelu_tanh_mul(gu), rtol=0, atol=0)
+    torch.testing.assert_close(native.gelu_tanh(gu), torch_ops.gelu_tanh(gu), rtol=0, atol=0)
     d, heads, t = 16, 2, 3
     qkv, cos, sin = r(t, (heads + 2) * d), r(t, d), r(t, d)
     caches = [torch.zeros(8, d) for _ in range(4)]

@@ -120,12 +120,12 @@ def test_norm(gpu_and_poison, op, rows, width, strided, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# FP8 output for FP8 projections: norms and GeGLU write it themselves, quantize_fp8 for the rest
+# FP8 output for FP8 projections: norms and the GELUs write it themselves, quantize_fp8 for the rest
 
 FP8_CASES = [  # (op, rows, width): the input widths of Pi0.5's FP8 projections
     ("rms_norm", 712, 2048), ("add_rms_norm", 712, 2048), ("ada_rms_norm", 50, 1024),
     ("add_ada_rms_norm", 50, 1024), ("layer_norm", 512, 1152), ("add_layer_norm", 512, 1152),
-    ("gelu_tanh_mul", 50, 4096), ("gelu_tanh_mul", 712, 16384), ("quantize_fp8", 400, 2048),
+    ("gelu_tanh_mul", 50, 4096), ("gelu_tanh_mul", 712, 16384), ("gelu_tanh", 512, 4304), ("quantize_fp8", 400, 2048),
 ]
 
 
@@ -143,7 +143,7 @@ def test_fp8_output(gpu_and_poison, op, rows, width, dtype):
         randn(width, dtype=dtype, scale=0.5)
     args = {"rms_norm": (EPS,), "add_rms_norm": (y, EPS), "ada_rms_norm": (scale, shift, EPS),
             "add_ada_rms_norm": (y, gate, scale, shift, EPS), "layer_norm": (scale, shift, EPS),
-            "add_layer_norm": (y, scale, shift, EPS), "gelu_tanh_mul": (), "quantize_fp8": ()}[op]
+            "add_layer_norm": (y, scale, shift, EPS), "gelu_tanh_mul": (), "gelu_tanh": (), "quantize_fp8": ()}[op]
     inv = torch.tensor([448.0 / 2.5], device=DEV)  # |values| beyond 2.5 saturate
     x_plain, x_fused, x_ref = x0.clone(), x0.clone(), x0.clone()
     if op == "quantize_fp8":
@@ -197,15 +197,19 @@ def test_int8_quantize_and_dequantize(gpu_and_poison, rows, width, n, bias, dtyp
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,m", [(712, 16384), (50, 4096), (1, 4096), (513, 4304)])
-def test_gelu_tanh_mul(gpu_and_poison, rows, m, dtype):
+@pytest.mark.parametrize("op", ["gelu_tanh_mul", "gelu_tanh"])
+def test_gelu_tanh(gpu_and_poison, op, rows, m, dtype):
     seed = gpu_and_poison
-    gu = randn(rows, 2 * m, dtype=dtype, scale=2.0)
-    got = native.gelu_tanh_mul(gu)
-    ref = torch_ops.gelu_tanh_mul(gu)
-    g = gu[:, :m].double()
-    exact = 0.5 * g * (1 + torch.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3))) * gu[:, m:].double()
+    gated = op == "gelu_tanh_mul"
+    x = randn(rows, (2 if gated else 1) * m, dtype=dtype, scale=2.0)
+    got = getattr(native, op)(x)
+    ref = getattr(torch_ops, op)(x)
+    g = x[:, :m].double()
+    exact = 0.5 * g * (1 + torch.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+    if gated:
+        exact = exact * x[:, m:].double()
     assert got.shape == (rows, m)
-    check("gelu_tanh_mul", got, ref, exact, dtype, seed)
+    check(op, got, ref, exact, dtype, seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class Siglip:
             qkv = linear(h, L.qkv_w, L.qkv_b, ops).view(c, g * g, 3, d.heads, hd)
             a = ops.attention_mha(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
             h = ops.add_layer_norm(x, linear(a, L.o_w, L.o_b, ops), L.ln2_w, L.ln2_b, EPS, fp8_input(L.fc1_w))
-            m = linear(F.gelu(linear(h, L.fc1_w, L.fc1_b, ops), approximate="tanh"), L.fc2_w, L.fc2_b, ops)
+            m = linear(ops.gelu_tanh(linear(h, L.fc1_w, L.fc1_b, ops), fp8_input(L.fc2_w)), L.fc2_w, L.fc2_b, ops)
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             h = ops.add_layer_norm(x, m, nxt.ln1_w if nxt else self.post_w, nxt.ln1_b if nxt else self.post_b, EPS,
                                    fp8_input(nxt.qkv_w) if nxt else None)

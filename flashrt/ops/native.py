@@ -156,14 +156,25 @@ def add_layer_norm(x: Tensor, y: Tensor, w: Tensor, b: Tensor, eps: float, quant
 # GeGLU, RoPE + KV-cache write, Euler update
 
 
-def gelu_tanh_mul(gate_up: Tensor, quant: Tensor | None = None) -> Tensor:
-    if not _rows_ok(gate_up) or gate_up.shape[1] % (2 * _vec(gate_up)) != 0 or not _quant_ok(gate_up, quant):
-        return torch_ops.gelu_tanh_mul(gate_up, quant)
-    t, m = gate_up.shape[0], gate_up.shape[1] // 2
-    out = _empty((t, m), gate_up.dtype if quant is None else FP8, gate_up.device)
-    _kernels.gelu_tanh_mul(_CODES[gate_up.dtype], gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), t, m,
-                           0 if quant is None else quant.data_ptr(), _stream(gate_up))
+def _gelu_tanh(x: Tensor, gated: bool, quant: Tensor | None) -> Tensor | None:
+    """The kernel, or None when the torch op must run."""
+    if not _rows_ok(x) or x.shape[1] % ((2 if gated else 1) * _vec(x)) != 0 or not _quant_ok(x, quant):
+        return None
+    t, m = x.shape[0], x.shape[1] // (2 if gated else 1)
+    out = _empty((t, m), x.dtype if quant is None else FP8, x.device)
+    _kernels.gelu_tanh(_CODES[x.dtype], x.data_ptr(), x.stride(0), out.data_ptr(), t, m, gated,
+                       0 if quant is None else quant.data_ptr(), _stream(x))
     return out
+
+
+def gelu_tanh_mul(gate_up: Tensor, quant: Tensor | None = None) -> Tensor:
+    out = _gelu_tanh(gate_up, True, quant)
+    return torch_ops.gelu_tanh_mul(gate_up, quant) if out is None else out
+
+
+def gelu_tanh(x: Tensor, quant: Tensor | None = None) -> Tensor:
+    out = _gelu_tanh(x, False, quant)
+    return torch_ops.gelu_tanh(x, quant) if out is None else out
 
 
 def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -275,6 +286,10 @@ def attention_decode(q2: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor 
     return out
 
 
+def _fp8_out(out: Tensor, quant: Tensor | None) -> Tensor:
+    return out if quant is None else quantize_fp8(out, quant)
+
+
 def _attention_args(q: Tensor, k_cache: Tensor, v_cache: Tensor, max_rows: int) -> Tensor | None:
     """q as [T * H, 256] rows for the kernel, or None when the torch op must run."""
     if q.dim() != 3 or q.dtype not in (torch.float16, torch.bfloat16) or not q.is_cuda:
@@ -299,8 +314,8 @@ def make_attention_flash_varlen(max_rows: int):
                                max_q: int, max_k: int, quant: Tensor | None = None) -> Tensor:
         q2 = _attention_args(q, k_cache, v_cache, max_rows)
         if q2 is None or not (_int32_pair_ok(cu_q, q.device) and _int32_pair_ok(cu_k, q.device)) \
-                or not _quant_ok(q, quant):
-            return torch_ops.attention_flash_varlen(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k, quant)
+                or not _quant_ok(q, quant):  # torch's attention (the prefix), then our one-kernel quantization
+            return _fp8_out(torch_ops.attention_flash_varlen(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k), quant)
         t, h, d = q.shape
         return attention_decode(q2, k_cache, v_cache, cu_q, cu_k, None, quant=quant).view(t, h * d)
 
@@ -314,7 +329,7 @@ def make_attention_sdpa(max_rows: int):
         ok = (key_mask is not None and key_mask.dtype == torch.bool and key_mask.dim() == 1
               and key_mask.shape[0] == k_cache.shape[0] and key_mask.is_contiguous() and key_mask.device == q.device)
         if q2 is None or not ok or not _quant_ok(q, quant):
-            return torch_ops.attention_sdpa(q, k_cache, v_cache, key_mask, quant)
+            return _fp8_out(torch_ops.attention_sdpa(q, k_cache, v_cache, key_mask), quant)
         t, h, d = q.shape
         return attention_decode(q2, k_cache, v_cache, None, None, key_mask, quant=quant).view(t, h * d)
 
@@ -366,7 +381,7 @@ def native_ops(platform) -> dict:
     ops = {
         "rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "ada_rms_norm": ada_rms_norm,
         "add_ada_rms_norm": add_ada_rms_norm, "layer_norm": layer_norm, "add_layer_norm": add_layer_norm,
-        "gelu_tanh_mul": gelu_tanh_mul, "rope_qkv": rope_qkv, "linear_accumulate": linear_accumulate,
+        "gelu_tanh_mul": gelu_tanh_mul, "gelu_tanh": gelu_tanh, "rope_qkv": rope_qkv, "linear_accumulate": linear_accumulate,
         "images_to_model": images_to_model, "quantize_fp8": quantize_fp8, "quantize_int8": quantize_int8,
         "dequantize_int8": dequantize_int8,
     }

@@ -81,6 +81,11 @@ def gelu_tanh_mul(gate_up: Tensor, quant: Tensor | None = None) -> Tensor:
     return _out(F.gelu(gate_up[:, :m], approximate="tanh").mul_(gate_up[:, m:]), quant)
 
 
+def gelu_tanh(x: Tensor, quant: Tensor | None = None) -> Tensor:
+    """SigLIP's MLP activation, tanh-approximated GELU."""
+    return _out(F.gelu(x, approximate="tanh"), quant)
+
+
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, k_cache: Tensor, v_cache: Tensor,
              slots: Tensor | None) -> Tensor:
     """Rotary embedding on q and k of a fused QKV projection with one KV head.

@@ -265,13 +265,13 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
   const int row0 = q0 + wr + g, row1 = row0 + 8;
   if (splits == 1) {
     // Whole key range in this CTA: normalize and store (rows with no valid key give 0), as T or,
-    // for an FP8 projection, as its E4M3 input (store_fp8's rounding, two values at a time).
+    // for an FP8 projection, as its E4M3 input (common.cuh's FP8 rounding, two values at a time).
     const float inv0 = l[0] > 0.f ? 1.f / l[0] : 0.f, inv1 = l[1] > 0.f ? 1.f / l[1] : 0.f;
     const float s8 = inv_scale != nullptr ? *inv_scale : 0.f;
     auto store2 = [&](int row, int col, float a, float b) {
       if (inv_scale != nullptr) {
         *reinterpret_cast<__nv_fp8x2_storage_t*>(reinterpret_cast<uint8_t*>(out) + (int64_t)row * out_stride + col) =
-            __nv_cvt_float2_to_fp8x2(make_float2(round_to<T>(a) * s8, round_to<T>(b) * s8), __NV_SATFINITE, __NV_E4M3);
+            to_fp8x2<T>(a, b, s8);
       } else {
         T* p = out + (int64_t)row * out_stride + col;
         p[0] = from_f<T>(a);

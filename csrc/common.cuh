@@ -136,13 +136,17 @@ __device__ __forceinline__ void store_vec(T* p, const float (&f)[Vec<T>::N]) {
 // +-448 (round to nearest even): exactly quant.quantize_fp8 applied to the T output. On GPUs
 // without FP8 hardware (sm_87) the conversion is emulated; FP8 GEMMs do not run there anyway.
 template <typename T>
+__device__ __forceinline__ __nv_fp8x2_storage_t to_fp8x2(float a, float b, float inv_scale) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(round_to<T>(a) * inv_scale, round_to<T>(b) * inv_scale), __NV_SATFINITE,
+                                  __NV_E4M3);
+}
+
+template <typename T>
 __device__ __forceinline__ void store_fp8(uint8_t* p, const float (&f)[Vec<T>::N], float inv_scale) {
   constexpr int N = Vec<T>::N;
   union { __nv_fp8x2_storage_t h[N / 2]; uint2 u2; uint32_t u1; } v;
 #pragma unroll
-  for (int i = 0; i < N / 2; ++i)
-    v.h[i] = __nv_cvt_float2_to_fp8x2(make_float2(round_to<T>(f[2 * i]) * inv_scale, round_to<T>(f[2 * i + 1]) * inv_scale),
-                                      __NV_SATFINITE, __NV_E4M3);
+  for (int i = 0; i < N / 2; ++i) v.h[i] = to_fp8x2<T>(f[2 * i], f[2 * i + 1], inv_scale);
   if constexpr (N == 8) *reinterpret_cast<uint2*>(p) = v.u2;
   else *reinterpret_cast<uint32_t*>(p) = v.u1;
 }

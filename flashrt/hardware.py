@@ -56,8 +56,8 @@ class Platform:
 
 # (major, minor) -> (platform name, default precision), as DESIGN.md sets them: INT8 W8A8 on Orin
 # (no FP8 tensor cores on sm_87), FP8 on Thor and RTX, bf16 on Hopper (FP8 there on request: on the
-# H100 it is 1.19x faster for Pi0.5, but Pi0's worst cosine to bf16 was 0.990, at the accuracy guard's
-# bar; see benchmarks/results/quant_*.json).
+# H100 it is 1.23x faster for Pi0.5, with a worst cosine to bf16 of 0.999 for Pi0.5 and 0.9956 for
+# Pi0; see benchmarks/results/quant_*.json).
 _GPUS: dict[tuple[int, int], tuple[str, str]] = {
     (8, 7): ("orin", "int8"),
     (8, 9): ("rtx-ada", "fp8"),

@@ -106,7 +106,6 @@ def _add_norm(ops, x: Tensor, y: Tensor, mod: Modulation | None, gate_row: int, 
     return ops.add_ada_rms_norm(x, y, mod.gate[gate_row], mod.scale1p[j], mod.shift[j], EPS, quant)
 
 
-
 def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: Tensor, sin: Tensor,
                k_cache: Tensor, v_cache: Tensor, slots: Tensor | None, window: KVWindow,
                mod: Modulation | None = None, kv_only: bool = False, span: range | None = None) -> Tensor | None:

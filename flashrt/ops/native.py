@@ -158,9 +158,10 @@ def add_layer_norm(x: Tensor, y: Tensor, w: Tensor, b: Tensor, eps: float, quant
 
 def _gelu_tanh(x: Tensor, gated: bool, quant: Tensor | None) -> Tensor | None:
     """The kernel, or None when the torch op must run."""
-    if not _rows_ok(x) or x.shape[1] % ((2 if gated else 1) * _vec(x)) != 0 or not _quant_ok(x, quant):
+    parts = 2 if gated else 1  # [gate | up] or x alone
+    if not _rows_ok(x) or x.shape[1] % (parts * _vec(x)) != 0 or not _quant_ok(x, quant):
         return None
-    t, m = x.shape[0], x.shape[1] // (2 if gated else 1)
+    t, m = x.shape[0], x.shape[1] // parts
     out = _empty((t, m), x.dtype if quant is None else FP8, x.device)
     _kernels.gelu_tanh(_CODES[x.dtype], x.data_ptr(), x.stride(0), out.data_ptr(), t, m, gated,
                        0 if quant is None else quant.data_ptr(), _stream(x))

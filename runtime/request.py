@@ -6,12 +6,26 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import zmq
+
 from flashrt.errors import FlashRTError
 
 from .protocol import DEADLINE, INTERNAL, OPENPI, UNAVAILABLE, ProtocolError, encode
 from .scheduler import Cancelled, Rejected
 
 log = logging.getLogger("flashrt.runtime")
+
+_send_frame = zmq.backend.Socket.send  # pyzmq's C-level send, under its Python layer
+_SNDMORE = int(zmq.SNDMORE)
+
+
+def send_frames(sock: zmq.Socket, frames: list) -> None:
+    """`sock.send_multipart(frames)` for frames that are bytes, without pyzmq's Python layers around
+    each frame (a per-frame type check, keyword handling, and SNDMORE | flags on an enum.IntFlag in
+    Python): ~1 us a reply instead of ~6, spent before the reply leaves."""
+    for frame in frames[:-1]:
+        _send_frame(sock, frame, _SNDMORE)
+    _send_frame(sock, frames[-1], 0)
 
 
 @dataclass(slots=True, eq=False)

@@ -32,7 +32,7 @@ from .models import LoadedModel, Loader, flashrt_loader, load_model
 from .observation import describe_io, groot_observation, groot_reply, observation
 from .protocol import (BAD_INPUT, BAD_REQUEST, BUSY, OPENPI, TOO_LARGE, UNAUTHORIZED, UNAVAILABLE,
                        UNKNOWN_ENDPOINT, UNKNOWN_MODEL, VERSION, ProtocolError, decode, parse_envelope)
-from .request import Request, error_of
+from .request import Request, error_of, send_frames
 from .scheduler import CudaDevice, ModelTally, Scheduler, SyncDevice
 from .security import server_curve
 from .stats import ModelStats
@@ -306,11 +306,11 @@ class Server:
                 self._quiet(f"published observation refused, {code}: {message}")
 
     def _send(self, req: Request, payload: Any) -> None:
-        self._router.send_multipart(req.reply(payload, {"server_ms": (perf_counter() - req.t_recv) * 1e3}))
+        send_frames(self._router, req.reply(payload, {"server_ms": (perf_counter() - req.t_recv) * 1e3}))
 
     def _send_error(self, req: Request, code: str, message: str) -> None:
         self._rejected[code] = self._rejected.get(code, 0) + 1
-        self._router.send_multipart(req.error(code, message, {"server_ms": (perf_counter() - req.t_recv) * 1e3}))
+        send_frames(self._router, req.error(code, message, {"server_ms": (perf_counter() - req.t_recv) * 1e3}))
 
     # ------------------------------------------------------------------------------------------
     # Endpoints (on the I/O thread)
@@ -455,7 +455,7 @@ class Server:
                         "are launched in order on the default stream and its latencies are not measured on the GPU",
                         name, model.spec["device"])
         stats = self._stats.setdefault(name, ModelStats(self.config.server.stats_window))
-        ex = ModelExecutor(model, stats, self._scheduler, self._mailbox, self._router.send_multipart,
+        ex = ModelExecutor(model, stats, self._scheduler, self._mailbox, partial(send_frames, self._router),
                            self._streams.publish, self.config.server.max_queue)
         self._executors[name] = ex
         if schedule.periodic:  # a swap keeps the stream's phase and newest observation

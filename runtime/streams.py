@@ -18,6 +18,8 @@ from collections import Counter
 
 import zmq
 
+from .request import send_frames
+
 from .config import ServerConfig
 from .security import curve_server_keys
 
@@ -87,7 +89,7 @@ class Streams:
         return newest
 
     def publish(self, frames: list) -> None:
-        self.pub.send_multipart(frames)  # PUB never blocks: a slow subscriber loses messages instead
+        send_frames(self.pub, frames)  # PUB never blocks: a slow subscriber loses messages instead
         self.published += 1
 
     def snapshot(self) -> dict:

@@ -18,9 +18,8 @@ from collections import Counter
 
 import zmq
 
-from .request import send_frames
-
 from .config import ServerConfig
+from .request import send_frames
 from .security import curve_server_keys
 
 RCVHWM = 16  # observations queued in the SUB socket; drained whenever readable

@@ -1,10 +1,10 @@
 """One inference as launchable work: host staging and upload, then segments, then the result.
 
-`Policy.prepare(obs)` does the host's share (validation, tokenization, copying the inputs into a
-pinned staging slot) and, on a GPU, starts uploading the slot to its own device buffers on a side
+`Policy.prepare(obs)` does the host's share (validation, tokenization, the noise, copying the inputs
+into a pinned staging slot) and, on a GPU, starts uploading the slot to its device twin on a side
 stream, so the copy overlaps whatever the GPU is running. It returns a `Job`: its `segments` are the
-engine's captured segments between an `inputs` segment (waits for that upload, copies it into the
-engine's static buffers, draws the noise, preprocesses the images) and an `output` segment (copies
+engine's captured segments between an `inputs` segment (waits for that upload, copies the ints and
+floats into the engine's static buffers, preprocesses the images) and an `output` segment (copies
 the action chunk to the host once). Launching them in order, on any stream, with anything else
 interleaved between them, is one inference; `Job.result()` waits for it.
 
@@ -22,71 +22,85 @@ import torch
 
 from .engine import Segment
 
-MIN_IMAGE_BYTES = 640 * 480 * 3  # staging buffers per camera start this large (see Slot.stage_image)
+MIN_IMAGE_BYTES = 640 * 480 * 3  # staging room per camera from the start (see Slot.claim)
+
+
+def _align(n: int) -> int:
+    return (n + 15) // 16 * 16
 
 
 class Slot:
-    """Pinned host buffers (and, on a GPU, device buffers) for one request's inputs and its output."""
+    """Pinned host memory (and, on a GPU, its device twin) for one request's inputs and its output.
+
+    The inputs are one byte buffer, [ints | floats | image 0 | image 1 | ...], each part 16-byte
+    aligned, so a request's upload is one copy and the ints and floats reach the engine's static
+    buffers in one more: every copy a job launches costs ~30 us of host time before the GPU can
+    start, whatever its size."""
 
     def __init__(self, n_ints: int, n_floats: int, action_shape: tuple[int, int], n_cams: int, device: torch.device):
         self.device = device
         self.pin = device.type == "cuda"
-        self.ints = torch.zeros(n_ints, dtype=torch.int64, pin_memory=self.pin)
-        self.floats = torch.zeros(n_floats, dtype=torch.float32, pin_memory=self.pin)
+        self._n_ints, self._n_floats = n_ints, n_floats
+        self.head = _align(n_ints * 8 + n_floats * 4)  # the ints and floats: what the engine copies in
         self.actions = torch.zeros(action_shape, dtype=torch.float32, pin_memory=self.pin)
-        self.images: list[torch.Tensor | None] = [None] * n_cams  # grow-only uint8 buffers, one per camera
-        self.images_dev: list[torch.Tensor | None] = [None] * n_cams
-        self.ints_dev = torch.zeros(n_ints, dtype=torch.int64, device=device) if self.pin else None
-        self.floats_dev = torch.zeros(n_floats, dtype=torch.float32, device=device) if self.pin else None
         self.uploaded = torch.cuda.Event() if self.pin else None  # the side stream has uploaded this slot
         self.consumed = torch.cuda.Event() if self.pin else None  # a job has copied this slot's inputs out
         self.downloaded = torch.cuda.Event() if self.pin else None  # this slot holds its job's actions
         self.staged = False  # holds a prepared job whose inputs segment has not been launched yet
+        self._allocate(self.head + n_cams * _align(MIN_IMAGE_BYTES))
 
-    def claim(self) -> None:
-        """Take the slot for a new job once its pinned buffers are free again."""
+    def _allocate(self, size: int) -> None:
+        self.host = torch.zeros(size, dtype=torch.uint8, pin_memory=self.pin)
+        self.dev = torch.zeros(size, dtype=torch.uint8, device=self.device) if self.pin else None
+        self.ints, self.floats = split_inputs(self.host, self._n_ints, self._n_floats)
+
+    def claim(self, images: list[np.ndarray | None]) -> None:
+        """Take the slot for a new job, with room for `images`, once its pinned memory is free again."""
         if self.staged:
             raise RuntimeError("two jobs of this policy are prepared and not launched: launch one first")
         if self.uploaded is not None:
             self.uploaded.synchronize()  # normally long done: it was recorded two jobs ago
+        need = self.head + sum(_align(img.size) for img in images if img is not None)
+        if need > self.host.numel():
+            # Larger images than this slot has seen (the first use is the load's warm-up). Pinning
+            # memory holds up every other thread's CUDA calls (the scheduler's launches) for
+            # milliseconds, so the slot starts with room for a VGA frame per camera and grows by
+            # half again: a robot's camera frames fit from the start. The old device buffer may
+            # still be read by the job that used this slot before: wait for that job's inputs to be
+            # consumed (not for the whole GPU) before replacing it.
+            if self.pin:
+                self.consumed.synchronize()
+            self._allocate(max(need, self.host.numel() * 3 // 2))
         self.staged = True
 
-    def stage_image(self, i: int, img: np.ndarray) -> torch.Tensor:
-        """Copy an image into camera i's buffer: wire arrays are often read-only or strided views, and
-        a pinned source lets the upload run asynchronously."""
-        host = self.images[i]
-        if host is None or host.numel() < img.size:
-            # First use (the load's warm-up) or a larger image than this slot has seen. Pinning memory
-            # holds up every other thread's CUDA calls (the scheduler's launches) for milliseconds, so
-            # the buffers start at least a VGA frame large: a robot's camera frames fit from the start.
-            size = max(img.size, MIN_IMAGE_BYTES)
-            host = self.images[i] = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
-            if self.pin:
-                # The old device buffer may still be read by the job that used this slot before: wait
-                # for that job's inputs to be consumed (not for the whole GPU), then replace it.
-                self.consumed.synchronize()
-                self.images_dev[i] = torch.empty(size, dtype=torch.uint8, device=self.device)
-        view = host[: img.size].view(img.shape)
-        np.copyto(view.numpy(), img)
-        return view
+    def stage(self, images: list[np.ndarray | None], stream: torch.cuda.Stream | None) -> list:
+        """Copy the images in after the ints and floats (already written) and, on a GPU, start the
+        upload of everything on `stream`. Returns each image as the inputs segment reads it: a view
+        of the device twin on a GPU, of the host buffer otherwise (None where a camera is absent)."""
+        spans, at = [], self.head
+        for img in images:
+            if img is None:
+                spans.append(None)
+                continue
+            np.copyto(self.host[at:at + img.size].view(img.shape).numpy(), img)  # wire arrays may be read-only or strided
+            spans.append((at, img.size, img.shape))
+            at += _align(img.size)
+        if self.pin:
+            with torch.cuda.stream(stream), torch.inference_mode():  # the slot's buffers are inference tensors
+                stream.wait_event(self.consumed)  # the job that used this slot before has read its inputs
+                self.dev[:at].copy_(self.host[:at], non_blocking=True)
+                self.uploaded.record(stream)
+        src = self.dev if self.pin else self.host
+        return [None if s is None else src[s[0]:s[0] + s[1]].view(s[2]) for s in spans]
 
-    def upload(self, staged: list, stream: torch.cuda.Stream) -> list:
-        """Start copying the staged inputs to this slot's device buffers on `stream`; returns the device
-        views of the images (None where a camera is absent)."""
-        images = []
-        with torch.cuda.stream(stream), torch.inference_mode():  # the slot's buffers are inference tensors
-            stream.wait_event(self.consumed)  # the job that used this slot before has read its inputs
-            self.ints_dev.copy_(self.ints, non_blocking=True)
-            self.floats_dev.copy_(self.floats, non_blocking=True)
-            for i, s in enumerate(staged):
-                if s is None:
-                    images.append(None)
-                    continue
-                dev = self.images_dev[i][: s.numel()].view(s.shape)
-                dev.copy_(s, non_blocking=True)
-                images.append(dev)
-            self.uploaded.record(stream)
-        return images
+    def inputs(self) -> torch.Tensor:
+        """The ints and floats, where the inputs segment copies them from."""
+        return (self.dev if self.pin else self.host)[: self.head]
+
+
+def split_inputs(buf: torch.Tensor, n_ints: int, n_floats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int64 and float32 views at the front of an inputs byte buffer (the slots' and the engine's)."""
+    return buf[: n_ints * 8].view(torch.int64), buf[n_ints * 8: n_ints * 8 + n_floats * 4].view(torch.float32)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """A loaded policy: config -> weights on the device -> captured engine; observations -> action chunks.
 
-`Policy.infer(obs)` validates the observation, writes it into the engine's static buffers (images
-resized on the device, the prompt tokenized on the host, state and noise staged in pinned memory and
-copied in one transfer each), replays the engine, and copies the action chunk to the host once.
+`Policy.infer(obs)` validates the observation, writes it into the engine's static buffers (the
+prompt tokenized and the noise drawn on the host, tokens, state, noise and images staged in pinned
+memory and uploaded in one transfer, the images resized on the device), replays the engine, and
+copies the action chunk to the host once.
 
 The serving path is split for schedulers: `prepare(obs)` (host work) returns a `Job` whose segments
 are launched in order (see job.py); `infer(obs)` does both in one call.
@@ -25,7 +26,7 @@ from . import calibrate, checkpoint, hardware, normalize, ops, tokenizer
 from .config import ModelConfig
 from .engine import Engine, Segment
 from .errors import ConfigError, InputError
-from .job import Job, Slot
+from .job import Job, Slot, split_inputs
 from .models import layout
 from .models.pi import PiModel
 
@@ -137,7 +138,7 @@ class Policy:
             max_prompt_tokens=max_tokens, prompt_buckets=tuple(buckets), num_steps=config.num_steps,
             precision=precision, device=str(self.device), platform=plat.name, cuda_graphs=False, random_weights=config.checkpoint == "random",
             checkpoint=config.checkpoint if folder is None else str(folder), normalization=norm.source)
-        self._gen = torch.Generator(device=self.device)
+        self._noise = np.random.default_rng(config.random.seed)  # reseeded by reset()
         calib = None
         if precision in ("fp8", "int8"):
             calib = calibrate.prepare(self, precision, dict(
@@ -158,30 +159,31 @@ class Policy:
     # -----------------------------------------------------------------------------------------
 
     def _stage_inputs(self, n_cams: int, l_max: int, horizon: int, dims) -> None:
-        """Device input buffers filled by one transfer each from a job's pinned slot:
+        """The engine's device inputs, one byte buffer filled by one copy from a job's slot:
 
-        ints:   [tokens (l_max) | gather (n_img + l_max) | n_valid (1)] -> buf.tokens, buf.gather, buf.n_valid
-        floats: [state (action_dim) | noise (horizon * action_dim)]     -> buf.state, buf.noise
+        ints (int64):   [tokens (l_max) | gather (n_img + l_max) | n_valid (1)] -> buf.tokens, buf.gather, buf.n_valid
+        floats (fp32):  [state (action_dim) | noise (horizon * action_dim)]     -> buf.state, buf.noise
         """
         n_img = n_cams * dims.vision.tokens
         n_int = l_max + n_img + l_max + 1
         a = dims.action_dim
-        self._ints_dev = torch.zeros(n_int, dtype=torch.int64, device=self.device)
-        self._floats_dev = torch.zeros(a + horizon * a, dtype=torch.float32, device=self.device)
+        n_float = a + horizon * a
+        self._slots = [Slot(n_int, n_float, tuple(self.buf.actions.shape), n_cams, self.device) for _ in range(2)]
+        self._inputs_dev = torch.zeros(self._slots[0].head, dtype=torch.uint8, device=self.device)
+        ints, floats = split_inputs(self._inputs_dev, n_int, n_float)
         b = self.buf
-        b.tokens = self._ints_dev[:l_max]
-        b.gather = self._ints_dev[l_max:l_max + n_img + l_max]
-        b.n_valid = self._ints_dev[-1:]
-        b.state = self._floats_dev[:a]
-        b.noise = self._floats_dev[a:].view(horizon, a)
-        self._slots = [Slot(n_int, self._floats_dev.numel(), tuple(b.actions.shape), n_cams, self.device)
-                       for _ in range(2)]
+        b.tokens = ints[:l_max]
+        b.gather = ints[l_max:l_max + n_img + l_max]
+        b.n_valid = ints[-1:]
+        b.state = floats[:a]
+        b.noise = floats[a:].view(horizon, a)
         self._upload_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._next_slot = 0
 
     def reset(self) -> None:
-        """Start of an episode: the noise generator restarts from its seed, so runs are repeatable."""
-        self._gen.manual_seed(self.config.random.seed)
+        """Start of an episode: the noise generator restarts from its seed, so runs are repeatable (the
+        noise of a job prepared before the reset was drawn then)."""
+        self._noise = np.random.default_rng(self.config.random.seed)
 
     def infer(self, obs: dict, noise: np.ndarray | None = None) -> dict:
         """One action chunk: {"actions": float32 [action_horizon, action_dim]}."""
@@ -211,38 +213,33 @@ class Policy:
         checked = [_image(images[n], n) if n in images else None for n in spec.cameras]
         state = _state(obs.get("state"), spec.state_dim)
         tokens = self._prompt_tokens(obs, state)
+        shape = (spec.action_horizon, self.dims.action_dim)
         if noise is not None:
             noise = np.asarray(noise, dtype=np.float32)
-            shape = (spec.action_horizon, self.dims.action_dim)
             if noise.shape != shape:
                 raise InputError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
+        else:  # drawn here, not on the device at launch: it travels with the inputs instead of adding a launch
+            noise = self._noise.standard_normal(shape, dtype=np.float32)
         bucket = next(b for b in self.buckets if b >= len(tokens))
 
         slot = self._slots[self._next_slot]
         self._next_slot ^= 1
-        slot.claim()
+        slot.claim(checked)
         self._write_ints(slot, tokens, present)
         self._write_floats(slot, state, noise)
-        staged = [slot.stage_image(i, img) if img is not None else None for i, img in enumerate(checked)]
-        if slot.pin:  # the upload overlaps whatever the GPU runs now; the inputs segment waits for it
-            staged = slot.upload(staged, self._upload_stream)
-        inputs = Segment("inputs", lambda: self._take_inputs(slot, staged, noise is None))
+        # On a GPU the upload overlaps whatever the GPU runs now; the inputs segment waits for it.
+        images = slot.stage(checked, self._upload_stream)
+        inputs = Segment("inputs", lambda: self._take_inputs(slot, images))
         output = Segment("output", lambda: self._download(slot))
         return Job(bucket, [inputs, *self.engine.segments(bucket), output], slot)
 
-    def _take_inputs(self, slot: Slot, images: list, fresh_noise: bool) -> None:
-        """The inputs segment: the slot's inputs into the engine's static buffers (device to device on a
-        GPU, after the slot's upload), the noise, the images preprocessed on the device."""
+    def _take_inputs(self, slot: Slot, images: list) -> None:
+        """The inputs segment: the slot's ints and floats into the engine's static buffers (device to
+        device on a GPU, after the slot's upload), the images preprocessed on the device."""
         slot.staged = False
         if slot.pin:
             torch.cuda.current_stream(self.device).wait_event(slot.uploaded)
-            self._ints_dev.copy_(slot.ints_dev)
-            self._floats_dev.copy_(slot.floats_dev)
-        else:
-            self._ints_dev.copy_(slot.ints)
-            self._floats_dev.copy_(slot.floats)
-        if fresh_noise:
-            torch.randn(self.buf.noise.shape, generator=self._gen, device=self.device, out=self.buf.noise)
+        self._inputs_dev.copy_(slot.inputs())
         self.model.ops.images_to_model(images, self.buf.images)
         if slot.pin:
             slot.consumed.record()
@@ -292,13 +289,12 @@ class Policy:
         host[l_max:l_max + n_img + l_max] = np.concatenate(valid + masked)
         host[-1] = sum(len(v) for v in valid)
 
-    def _write_floats(self, slot: Slot, state: np.ndarray, noise: np.ndarray | None) -> None:
+    def _write_floats(self, slot: Slot, state: np.ndarray, noise: np.ndarray) -> None:
         a = self.dims.action_dim
         host = slot.floats.numpy()
         host[:a] = 0
         host[: len(state)] = state  # raw: Pi0 normalizes on the device
-        if noise is not None:
-            host[a:] = noise.ravel()
+        host[a:] = noise.ravel()
 
 
 def _fingerprint(folder: Path | None) -> list | None:

@@ -11,8 +11,9 @@ thread again, and nothing else.
 
 Two jobs per model may be in the scheduler at once (flashrt's two staging slots), so request n+1 is
 staged while the GPU runs request n; later requests wait in `pending`, because a job's result must be
-read before the job two after it is prepared. `reset` waits for the model's earlier jobs: the noise
-generator it reseeds is read when a job's inputs are launched.
+read before the job two after it is prepared. `reset` waits for the model's earlier jobs, so it
+applies to the requests after it whatever state a policy reads when its segments launch (flashrt's
+noise is drawn when a job is prepared, a loader's own policy may read its state later).
 
 A periodic model takes no infer requests: the scheduler calls `release` every period with the newest
 observation published to it (on the scheduler thread, so it stages the inputs and nothing more), and

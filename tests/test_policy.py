@@ -45,6 +45,24 @@ def test_infer_and_reset_repeat(demo):
     np.testing.assert_array_equal(a, c)  # reset restarts the noise sequence
 
 
+def test_staging_grows_for_larger_images(demo):
+    """Each slot starts with room for a VGA frame per camera; larger frames grow it, and the inputs
+    staged before and after (tokens, state, noise, the other cameras) are still the ones used."""
+    rng = np.random.default_rng(5)
+    small, noise = obs(rng), rng.normal(size=(10, 32)).astype(np.float32)
+    big = obs(rng, images={"base_0_rgb": rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8),
+                           "left_wrist_0_rgb": rng.integers(0, 256, (720, 1280, 3), dtype=np.uint8),
+                           "right_wrist_0_rgb": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)})
+    before = demo.infer(small, noise=noise)["actions"]
+    sizes = [s.host.numel() for s in demo._slots]
+    grown = [demo.infer(big, noise=noise)["actions"] for _ in range(2)]  # both slots
+    assert all(s.host.numel() > n for s, n in zip(demo._slots, sizes))
+    np.testing.assert_array_equal(grown[0], grown[1])
+    np.testing.assert_array_equal(demo.infer(small, noise=noise)["actions"], before)
+    fresh = flashrt.load("configs/demo.yaml")
+    np.testing.assert_array_equal(fresh.infer(big, noise=noise)["actions"], grown[0])
+
+
 def test_inputs_change_the_output(demo):
     rng = np.random.default_rng(1)
     o = obs(rng)

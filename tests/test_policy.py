@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import flashrt
+from flashrt import preprocess
 from flashrt.errors import InputError, PlatformError
 from flashrt.policy import default_buckets
 
@@ -57,6 +59,10 @@ def test_staging_grows_for_larger_images(demo):
     sizes = [s.host.numel() for s in demo._slots]
     grown = [demo.infer(big, noise=noise)["actions"] for _ in range(2)]  # both slots
     assert all(s.host.numel() > n for s, n in zip(demo._slots, sizes))
+    # The images the model saw are the ones sent, each read from its own place in the grown slot.
+    expect = torch.zeros_like(demo.buf.images)
+    preprocess.images_to_model([torch.from_numpy(big["images"][c]) for c in demo.spec.cameras], expect)
+    torch.testing.assert_close(demo.buf.images, expect, rtol=0, atol=0)
     np.testing.assert_array_equal(grown[0], grown[1])
     np.testing.assert_array_equal(demo.infer(small, noise=noise)["actions"], before)
     fresh = flashrt.load("configs/demo.yaml")

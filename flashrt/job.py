@@ -60,7 +60,7 @@ class Slot:
             raise RuntimeError("two jobs of this policy are prepared and not launched: launch one first")
         if self.uploaded is not None:
             self.uploaded.synchronize()  # normally long done: it was recorded two jobs ago
-        need = self.head + sum(_align(img.size) for img in images if img is not None)
+        _, need = self._layout(images)
         if need > self.host.numel():
             # Larger images than this slot has seen (the first use is the load's warm-up). Pinning
             # memory holds up every other thread's CUDA calls (the scheduler's launches) for
@@ -77,21 +77,25 @@ class Slot:
         """Copy the images in after the ints and floats (already written) and, on a GPU, start the
         upload of everything on `stream`. Returns each image as the inputs segment reads it: a view
         of the device twin on a GPU, of the host buffer otherwise (None where a camera is absent)."""
-        spans, at = [], self.head
-        for img in images:
-            if img is None:
-                spans.append(None)
-                continue
-            np.copyto(self.host[at:at + img.size].view(img.shape).numpy(), img)  # wire arrays may be read-only or strided
-            spans.append((at, img.size, img.shape))
-            at += _align(img.size)
+        starts, end = self._layout(images)
+        for img, at in zip(images, starts):
+            if img is not None:  # wire arrays may be read-only or strided
+                np.copyto(self.host[at:at + img.size].view(img.shape).numpy(), img)
         if self.pin:
             with torch.cuda.stream(stream), torch.inference_mode():  # the slot's buffers are inference tensors
                 stream.wait_event(self.consumed)  # the job that used this slot before has read its inputs
-                self.dev[:at].copy_(self.host[:at], non_blocking=True)
+                self.dev[:end].copy_(self.host[:end], non_blocking=True)
                 self.uploaded.record(stream)
         src = self.dev if self.pin else self.host
-        return [None if s is None else src[s[0]:s[0] + s[1]].view(s[2]) for s in spans]
+        return [None if img is None else src[at:at + img.size].view(img.shape) for img, at in zip(images, starts)]
+
+    def _layout(self, images: list[np.ndarray | None]) -> tuple[list[int | None], int]:
+        """Where each image starts in the buffer (None: absent), and where the inputs end."""
+        starts, at = [], self.head
+        for img in images:
+            starts.append(None if img is None else at)
+            at += 0 if img is None else _align(img.size)
+        return starts, at
 
     def inputs(self) -> torch.Tensor:
         """The ints and floats, where the inputs segment copies them from."""

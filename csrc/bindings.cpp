@@ -141,4 +141,8 @@ PYBIND11_MODULE(_kernels, m) {
                                     reinterpret_cast<float*>(part_ml), reinterpret_cast<const float*>(inv_scale),
                                     P(stream));
         });
+
+  m.def("l2_prefetch",
+        [](std::uintptr_t ptr, uint64_t bytes, std::uintptr_t stream) { flashrt::l2_prefetch(P(ptr), bytes, P(stream)); },
+        "Prefetch a range of constant device memory into L2 (a hint; changes no result).");
 }

@@ -36,11 +36,21 @@ inline void require(bool ok, const char* what, const char* msg) {
 // the trigger sits. The trigger at the same place lets the next kernel of ours launch as soon as
 // all of this grid's blocks are resident. Kernels launched without PDL (cuBLAS's GEMMs) wait for
 // the whole previous grid as usual. Captured into CUDA graphs as programmatic edges (CUDA 12.3+).
-__device__ __forceinline__ void pdl_prologue() {
+__device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+}
+
+__device__ __forceinline__ void pdl_prologue() {
+  pdl_launch_dependents();
+  pdl_wait();
 }
 
 // Off only to measure what PDL gains (flashrt._kernels.set_programmatic_launch).

@@ -1,6 +1,8 @@
 // Memory-bound fused kernels: GeGLU, rotary embedding with the KV-cache write, the flow-matching
 // Euler update fused with the action output projection, image preprocessing, and the quantization
-// around FP8 and INT8 GEMMs.
+// around FP8 and INT8 GEMMs; and the L2 prefetch of weights a later GEMM reads.
+
+#include <algorithm>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -269,6 +271,36 @@ __global__ void images_to_model_kernel(CameraBatch batch, T* __restrict__ out, i
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// L2 prefetch of constant data (the action expert's weights) for the GEMM after next. A denoising
+// step streams ~35 MB of weights per layer through four GEMMs of 50 rows, each of which leaves
+// most of HBM's bandwidth unused. This kernel only issues prefetches. It is launched on a side
+// stream as the GEMM before the one that needs the bytes starts (flashrt/ops/native.py,
+// prefetch_l2), so the main chain never waits for it. Each thread takes 16 KB chunks: one bulk
+// prefetch instruction per chunk on sm_90+ (cp.async.bulk.prefetch.L2), a prefetch per 128-byte
+// line elsewhere. Measured on the H100 (csrc/README.md): a CTA with bulk prefetches in flight stays
+// resident until they land, so a kernel of the main chain carrying them waits for the bytes; and
+// prefetch traffic beside the latency-bound kernels (attention, norms) slows them down more than
+// the GEMMs gain. The prefetches go out before griddepcontrol.wait (weights never change); the
+// wait at the end keeps the stream's order. A hint: nothing depends on it for correctness.
+// ------------------------------------------------------------------------------------------------
+constexpr uint64_t kPrefetchChunk = 16384;
+
+__global__ void l2_prefetch_kernel(const char* __restrict__ p, uint64_t bytes) {
+  pdl_launch_dependents();
+  const uint64_t chunks = (bytes + kPrefetchChunk - 1) / kPrefetchChunk;
+  for (uint64_t c = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += (uint64_t)gridDim.x * blockDim.x) {
+    const char* chunk = p + c * kPrefetchChunk;
+    const uint32_t size = (uint32_t)min(kPrefetchChunk, bytes - c * kPrefetchChunk);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(chunk), "r"(size) : "memory");
+#else
+    for (uint32_t o = 0; o < size; o += 128) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(chunk + o));
+#endif
+  }
+  pdl_wait();
+}
+
 template <typename F>
 void dispatch(int dtype, const char* what, F&& f) {
   switch (dtype) {
@@ -362,6 +394,17 @@ void linear_accumulate(int dtype, float* acc, int64_t acc_stride, const void* x,
            static_cast<cudaStream_t>(stream), acc, acc_stride, static_cast<const T*>(x), x_stride, static_cast<const T*>(w), w_stride,
         static_cast<const T*>(b), rows, n_out, k);
   });
+}
+
+void l2_prefetch(const void* ptr, uint64_t bytes, void* stream) {
+  require(reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && bytes % 16 == 0, "l2_prefetch",
+          "the range must be 16-byte aligned and a multiple of 16 bytes long");
+  const uint64_t chunks = (bytes + kPrefetchChunk - 1) / kPrefetchChunk;
+  if (chunks == 0) return;
+  // One warp per block, about a chunk per thread, spread over the SMs.
+  const unsigned blocks = (unsigned)std::min<uint64_t>((chunks + 31) / 32, 132);
+  launch("l2_prefetch", l2_prefetch_kernel, blocks, 32, 0, static_cast<cudaStream_t>(stream),
+         static_cast<const char*>(ptr), bytes);
 }
 
 bool set_programmatic_launch(bool on) {

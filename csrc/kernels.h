@@ -82,6 +82,10 @@ void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k,
                       int n_keys, const int32_t* cu_q, const int32_t* cu_k, const bool* key_mask,
                       int warps, int splits, float* part_o, float* part_ml, const float* inv_scale, void* stream);
 
+// L2 prefetch hint for `bytes` of constant device memory at `ptr` (16-byte aligned, a multiple of
+// 16 bytes): the weights of a GEMM that runs a little later. Changes no result.
+void l2_prefetch(const void* ptr, uint64_t bytes, void* stream);
+
 // Programmatic dependent launch (sm_90+, common.cuh) for every kernel launched from now on: on by
 // default; off only to measure what it gains. Returns whether this device uses it when on.
 bool set_programmatic_launch(bool on);

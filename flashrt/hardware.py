@@ -29,6 +29,8 @@ class Platform:
     # Query rows (tokens x heads) up to which attention runs FlashRT's split-K kernel instead of
     # `attention` (the denoising steps' 50 x 8 rows against the prefix cache); 0: never.
     native_attention_rows: int = 0
+    # The denoising steps prefetch each expert GEMM's weights into L2 beside the GEMM before it (ops.prefetch_l2).
+    l2_prefetch: bool = False
     _attention_forced: bool = False  # set when a config overrides the attention choice
 
     @property
@@ -89,6 +91,11 @@ _NATIVE_ATTENTION_ROWS: dict[str, int] = {
 }
 
 
+# Where prefetching the expert's weights into L2 was measured to pay (benchmarks/l2_prefetch.py, the
+# H100: 1-2%). Elsewhere it stays off until measured: Orin's 4 MB L2 cannot hold one projection.
+_L2_PREFETCH = {"hopper"}
+
+
 def _arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
     """Whether SASS for `arch` ("sm_90", "sm_90a", "sm_120") runs on a GPU of `capability`.
 
@@ -143,6 +150,7 @@ def probe(device: str | None = None) -> Platform:
         cuda_graphs=True,
         native_kernels=native,
         native_attention_rows=_NATIVE_ATTENTION_ROWS.get(name, 1024) if native else 0,
+        l2_prefetch=native and name in _L2_PREFETCH,
     )
 
 

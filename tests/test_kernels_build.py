@@ -185,6 +185,9 @@ def test_native_dispatch_namespace(monkeypatch):
     assert ns.attention_mha is torch_ops.attention_mha  # no native version
     no_attn = ops.for_platform(replace(plat, native_attention_rows=0))
     assert no_attn.attention_flash_varlen is torch_ops.attention_flash_varlen
+    # the L2 prefetch only where the platform measured it to pay
+    assert ns.prefetch_l2 is torch_ops.prefetch_l2
+    assert ops.for_platform(replace(plat, l2_prefetch=True)).prefetch_l2 is native.prefetch_l2
 
 
 def test_native_wrappers_fall_back_on_cpu_tensors():
@@ -226,6 +229,8 @@ def test_native_wrappers_fall_back_on_cpu_tensors():
     native.linear_accumulate(acc1, xx, ww, bb)
     torch_ops.linear_accumulate(acc2, xx, ww, bb)
     torch.testing.assert_close(acc1, acc2, rtol=0, atol=0)
+    with native.prefetch_l2() as ahead:  # a host tensor: nothing to prefetch, no side stream, no error
+        ahead(ww)
     q, k, v = r(3, 2, 256), r(10, 256), r(10, 256)
     mask = torch.arange(10) < 7
     sdpa = native.make_attention_sdpa(1024)

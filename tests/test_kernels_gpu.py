@@ -394,11 +394,12 @@ def test_graph_serves_every_length(gpu_and_poison):
         assert rel(out, exact) <= TOL[dtype], f"prefix {p} [seed {seed}]"
 
 
-def test_programmatic_launch_changes_no_bit(gpu_and_poison):
+def test_programmatic_launch_and_prefetch_change_no_bit(gpu_and_poison):
     """With programmatic dependent launch a kernel starts while the one before it drains; each waits
     for its producer before touching memory. A graph of an expert-like chain (in-place residual
     norms, cuBLAS GEMMs, rope into the cache, split attention and its merge, GeGLU), replayed many
-    times, gives the same bits with PDL on and off: a kernel reading too early would not."""
+    times, gives the same bits with PDL on and off: a kernel reading too early would not. So does
+    the chain with the denoising steps' L2 prefetches branching off it on a side stream."""
     from flashrt import _kernels
 
     seed = gpu_and_poison
@@ -412,19 +413,28 @@ def test_programmatic_launch_changes_no_bit(gpu_and_poison):
     cu_k = torch.tensor([0, n], dtype=torch.int32, device=DEV)
     attn = native.make_attention_flash_varlen(1024)
 
-    def run(pdl: bool) -> list[torch.Tensor]:
+    def run(pdl: bool, prefetch: bool = False) -> list[torch.Tensor]:
         assert _kernels.set_programmatic_launch(pdl), "an sm_90+ GPU supports programmatic dependent launch"
         try:
             x, k, v = x0.clone(), k0.clone(), v0.clone()
             y = torch.zeros_like(x)
 
             def layers():
-                for _ in range(4):
-                    h = native.add_rms_norm(x, y, EPS)
-                    q = native.rope_qkv(h @ w_qkv.T, cos, sin, heads, k, v, slots)
-                    o = attn(q, k, v, cu_q, cu_k, t * heads, n) @ w_o.T
-                    h = native.add_rms_norm(x, o, EPS)
-                    y.copy_(native.gelu_tanh_mul(h @ w_gu.T) @ w_down.T)
+                with native.prefetch_l2() as ahead:
+                    for _ in range(4):
+                        layer(ahead if prefetch else lambda w: None)
+
+            def layer(ahead):  # each GEMM's weights asked for as the GEMM before it starts, as the model does
+                h = native.add_rms_norm(x, y, EPS)
+                ahead(w_o)
+                q = native.rope_qkv(h @ w_qkv.T, cos, sin, heads, k, v, slots)
+                a = attn(q, k, v, cu_q, cu_k, t * heads, n)
+                ahead(w_gu)
+                h = native.add_rms_norm(x, a @ w_o.T, EPS)
+                ahead(w_down)
+                g = native.gelu_tanh_mul(h @ w_gu.T)
+                ahead(w_qkv)
+                y.copy_(g @ w_down.T)
 
             layers()  # warm-up outside capture
             x.copy_(x0), k.copy_(k0), v.copy_(v0), y.zero_()
@@ -442,10 +452,28 @@ def test_programmatic_launch_changes_no_bit(gpu_and_poison):
         finally:
             _kernels.set_programmatic_launch(True)
 
-    plain, pdl = run(False), run(True)
+    plain = run(False)
     assert torch.isfinite(plain[0]).all(), f"non-finite chain output [seed {seed}]"
-    for i, (a, b) in enumerate(zip(plain, pdl)):
-        assert torch.equal(a, b), f"replay {i}: PDL changed {int((a != b).sum())} elements [seed {seed}]"
+    for label, outs in (("PDL", run(True)), ("PDL and prefetch", run(True, True)), ("prefetch", run(False, True))):
+        for i, (a, b) in enumerate(zip(plain, outs)):
+            assert torch.equal(a, b), f"replay {i}: {label} changed {int((a != b).sum())} elements [seed {seed}]"
+
+
+def test_prefetch_range_is_checked(gpu_and_poison):
+    """A prefetch range must be 16-byte aligned and a multiple of 16 bytes: the launcher refuses
+    others, and the Python side skips tensors that do not qualify (a hint never fails)."""
+    from flashrt import _kernels
+
+    w = randn(64, 64, dtype=torch.bfloat16)
+    stream = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        _kernels.l2_prefetch(w.data_ptr() + 2, 64, stream)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        _kernels.l2_prefetch(w.data_ptr(), 40, stream)
+    with native.prefetch_l2() as ahead:
+        for t in (w, w.flatten()[1:], w.t(), w.cpu()):  # launched; misaligned, strided, on the host: skipped
+            ahead(t)
+    torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------------

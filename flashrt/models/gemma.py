@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..quant import fp8_input, linear
+from ..quant import QuantWeight, fp8_input, linear
 
 from .layout import GemmaDims
 
@@ -106,9 +106,18 @@ def _add_norm(ops, x: Tensor, y: Tensor, mod: Modulation | None, gate_row: int, 
     return ops.add_ada_rms_norm(x, y, mod.gate[gate_row], mod.scale1p[j], mod.shift[j], EPS, quant)
 
 
+def _bytes(w) -> Tensor:
+    """The tensor a projection's GEMM streams: the weight, a quantized weight's values, or the weight
+    a calibration recorder multiplies by."""
+    if isinstance(w, Tensor):
+        return w
+    return w.q if isinstance(w, QuantWeight) else w.weight
+
+
 def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: Tensor, sin: Tensor,
                k_cache: Tensor, v_cache: Tensor, slots: Tensor | None, window: KVWindow,
-               mod: Modulation | None = None, kv_only: bool = False, span: range | None = None) -> Tensor | None:
+               mod: Modulation | None = None, kv_only: bool = False, span: range | None = None,
+               prefetch: bool = False) -> Tensor | None:
     """Run decoder layers over tokens x [T, width] (updated in place as the residual stream).
 
     Each layer writes its K/V into rows `slots` of k_cache[l] / v_cache[l] (rows 0..T-1 if None) and
@@ -116,20 +125,39 @@ def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: T
     the caller folds into its output projection), or None with `kv_only` (the prefix and Pi0's state
     token are only needed for their K/V, so the last layer stops once they are written). `span` runs only
     those layers (a segment of the stack): the residual stream x carries over between spans.
+
+    `prefetch` (the denoising steps, whose 50 rows make every GEMM a weight stream that leaves most
+    of HBM's bandwidth unused): as each GEMM starts, the next GEMM's weights are asked for, so they
+    load into L2 beside it (ops.prefetch_l2; a no-op where the platform does not prefetch). Asked
+    for earlier, beside the latency-bound kernels between GEMMs, they slowed those kernels down
+    more than the GEMMs gained (csrc/README.md).
     """
     span = span if span is not None else range(len(layers))
     h = _norm(ops, x, mod, 2 * span.start, fp8_input(layers[span.start].qkv))
     last = len(layers) - 1
-    for i in span:
-        L = layers[i]
-        q = ops.rope_qkv(linear(h, L.qkv, ops=ops), cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
-        if kv_only and i == last:  # its K/V rows are written: an attention here would feed nothing
-            return None
-        a = window.attend(ops, q, k_cache[i], v_cache[i], fp8_input(L.o))
-        h = _add_norm(ops, x, linear(a, L.o, ops=ops), mod, 2 * i, 2 * i + 1, fp8_input(L.gate_up))
-        d = linear(ops.gelu_tanh_mul(linear(h, L.gate_up, ops=ops), fp8_input(L.down)), L.down, ops=ops)
-        # The next layer's QKV reads this norm; the stack's last output (or a span's, which the
-        # next span renormalizes) stays in the model dtype.
-        nxt = fp8_input(layers[i + 1].qkv) if i + 1 in span else None
-        h = _add_norm(ops, x, d, mod, 2 * i + 1, 2 * i + 2, nxt)
+    with ops.prefetch_l2() as ahead:
+        for i in span:
+            L = layers[i]
+            if prefetch:
+                ahead(_bytes(L.o))
+            qkv = linear(h, L.qkv, ops=ops)
+            q = ops.rope_qkv(qkv, cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
+            if kv_only and i == last:  # its K/V rows are written: an attention here would feed nothing
+                return None
+            a = window.attend(ops, q, k_cache[i], v_cache[i], fp8_input(L.o))
+            if prefetch:
+                ahead(_bytes(L.gate_up))
+            o = linear(a, L.o, ops=ops)
+            h = _add_norm(ops, x, o, mod, 2 * i, 2 * i + 1, fp8_input(L.gate_up))
+            if prefetch:
+                ahead(_bytes(L.down))
+            gu = linear(h, L.gate_up, ops=ops)
+            g = ops.gelu_tanh_mul(gu, fp8_input(L.down))
+            if prefetch:  # (the last layer's next QKV is the first layer's, for the next step)
+                ahead(_bytes(layers[(i + 1) % len(layers)].qkv))
+            d = linear(g, L.down, ops=ops)
+            # The next layer's QKV reads this norm; the stack's last output (or a span's, which the
+            # next span renormalizes) stays in the model dtype.
+            nxt = fp8_input(layers[i + 1].qkv) if i + 1 in span else None
+            h = _add_norm(ops, x, d, mod, 2 * i + 1, 2 * i + 2, nxt)
     return h

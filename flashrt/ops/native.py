@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -339,6 +341,44 @@ def make_attention_sdpa(max_rows: int):
 
 
 # ---------------------------------------------------------------------------------------------
+# L2 prefetch of the weights a later GEMM reads, on a side stream
+
+_side = threading.local()  # one prefetch stream per thread and device: two captures never share one
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    streams = _side.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
+
+
+@contextmanager
+def prefetch_l2():
+    """Yields `prefetch(weight)`: from the point where it is called on the current stream, a side
+    stream launches one kernel that prefetches the weight's bytes into L2 (csrc/elementwise.cu),
+    and the current stream goes on without waiting for it. Leaving the block joins the side stream
+    back (under CUDA graph capture: a branch of the graph that only the block's end depends on). A
+    hint: a tensor that is not contiguous, not on a GPU or not 16-byte aligned is skipped."""
+    main = side = None
+
+    def prefetch(w: Tensor) -> None:
+        nonlocal main, side
+        if not (w.is_cuda and w.is_contiguous() and w.data_ptr() % 16 == 0):
+            return
+        if side is None:
+            main, side = torch.cuda.current_stream(w.device), _side_stream(w.device)
+        side.wait_stream(main)
+        _kernels.l2_prefetch(w.data_ptr(), w.numel() * w.element_size() // 16 * 16, side.cuda_stream)
+
+    try:
+        yield prefetch
+    finally:
+        if side is not None:
+            main.wait_stream(side)
+
+
+# ---------------------------------------------------------------------------------------------
 # Image preprocessing: every camera in one launch
 
 
@@ -386,6 +426,8 @@ def native_ops(platform) -> dict:
         "images_to_model": images_to_model, "quantize_fp8": quantize_fp8, "quantize_int8": quantize_int8,
         "dequantize_int8": dequantize_int8,
     }
+    if getattr(platform, "l2_prefetch", False):
+        ops["prefetch_l2"] = prefetch_l2
     if rows > 0:
         ops["attention_flash_varlen"] = make_attention_flash_varlen(rows)
         ops["attention_sdpa"] = make_attention_sdpa(rows)

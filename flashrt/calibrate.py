@@ -73,7 +73,10 @@ def prepare(policy, precision: str, key_parts: dict) -> dict:
                           f"quantize to {precision}")
     amax: dict[str, float] = {}
     if precision == "fp8" and cached is None:
-        recorders = {name: quant.Recorder(getattr(o, w), torch.zeros(1, device=policy.device)) for name, o, w, _ in linears}
+        # The prefix runs on a bucket's rows, valid tokens first: only those are recorded.
+        recorders = {name: quant.Recorder(getattr(o, w), torch.zeros(1, device=policy.device),
+                                          policy.buf.n_valid if name.startswith("vlm.") else None)
+                     for name, o, w, _ in linears}
         for name, o, w, _ in linears:
             setattr(o, w, recorders[name])
         try:

@@ -127,13 +127,19 @@ class QuantWeight:
 
 @dataclass(eq=False)
 class Recorder:
-    """Calibration: runs the plain linear and records the largest |x| it has seen."""
+    """Calibration: runs the plain linear and records the largest |x| it has seen in the valid rows."""
 
     weight: Tensor
     amax: Tensor  # [1] float32 on the device, updated in place (no host sync while running)
+    # [1] int64 on the device: rows at or past it are padding and are not recorded (the prefix's
+    # bucket padding holds whatever the attention left unwritten there, NaN included); None: all rows.
+    valid_rows: Tensor | None = None
 
     def __call__(self, x: Tensor, b: Tensor | None = None, ops=None) -> Tensor:
-        torch.maximum(self.amax, x.abs().amax().float(), out=self.amax)
+        a = x.abs()
+        if self.valid_rows is not None:
+            a = torch.where(torch.arange(x.shape[0], device=x.device)[:, None] < self.valid_rows, a, 0)
+        torch.maximum(self.amax, a.amax().float(), out=self.amax)
         return F.linear(x, self.weight, b)
 
 

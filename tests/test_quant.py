@@ -74,6 +74,16 @@ def test_recorder_tracks_amax_without_changing_results():
     assert float(r.amax) == pytest.approx(float(torch.cat([x1, x2]).abs().max()))
 
 
+def test_recorder_skips_padding_rows():
+    """Rows at or past valid_rows (the prefix's bucket padding, which may hold anything) never reach amax."""
+    w = torch.randn(8, 4)
+    r = quant.Recorder(w, torch.zeros(1), torch.tensor([2]))
+    x = torch.randn(4, 4)
+    x[2], x[3] = float("nan"), 1e30
+    quant.linear(x, r)
+    assert float(r.amax) == pytest.approx(float(x[:2].abs().max()))
+
+
 def test_cache_keys_and_files(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHRT_CACHE", str(tmp_path))
     base = dict(checkpoint="x", weights=[("model.safetensors", 10, 5)], steps=10, platform="orin")
@@ -119,6 +129,30 @@ def test_quantized_policy_calibrates_caches_and_guards(tiny, precision):
     assert not fresh.spec.calibration["cached"]
     with pytest.raises(AccuracyError, match=rf"{precision} action chunk against bf16 .* cosine [01]\.\d{{6}} < calibration.min_cosine 1.0 \(max relative error"):
         flashrt.load({**tiny, "precision": precision, "calibration": {"count": 3, "min_cosine": 1.0}})
+
+
+def test_calibration_ignores_what_padding_rows_hold(tiny, monkeypatch):
+    """On a GPU the prefix's attention leaves its padding rows unwritten, so they hold whatever the
+    memory held before (NaN made FP8 calibration refuse to serve at random; a huge value would
+    inflate the scales). Filling those rows with garbage must change no recorded scale. (Here the
+    garbage is finite: the CPU's masked SDPA would spread a NaN from the padded K/V rows to every
+    row, which the GPU's varlen attention never reads.)"""
+    from flashrt.ops import torch_ops
+
+    clean = flashrt.load({**tiny, "precision": "fp8"}).spec.calibration
+    clean_amax = quant.load_cached(clean["key"])["amax"]  # read now: the refresh below rewrites the file
+    sdpa = torch_ops.attention_sdpa
+
+    def poisoned(q, k_cache, v_cache, key_mask, quant=None):
+        out = sdpa(q, k_cache, v_cache, key_mask, quant)
+        if q.shape[0] == key_mask.shape[0]:  # the prefix: one query token per cache row
+            out.view(q.shape[0], -1)[int(key_mask.sum()):] = 1e4
+        return out
+
+    monkeypatch.setattr(torch_ops, "attention_sdpa", poisoned)
+    dirty = flashrt.load({**tiny, "precision": "fp8", "calibration": {"count": 3, "refresh": True}}).spec.calibration
+    assert dirty["cosine"] >= 0.99 and not dirty["cached"] and dirty["key"] == clean["key"]
+    assert quant.load_cached(dirty["key"])["amax"] == clean_amax
 
 
 def test_fp8_weight_scales_setting(tiny):

@@ -143,6 +143,8 @@ PYBIND11_MODULE(_kernels, m) {
         });
 
   m.def("l2_prefetch",
-        [](std::uintptr_t ptr, uint64_t bytes, std::uintptr_t stream) { flashrt::l2_prefetch(P(ptr), bytes, P(stream)); },
+        [](std::uintptr_t ptr, uint64_t bytes, std::uintptr_t stream) {
+          flashrt::l2_prefetch(P(ptr), bytes, P(stream));
+        },
         "Prefetch a range of constant device memory into L2 (a hint; changes no result).");
 }

@@ -289,7 +289,8 @@ constexpr uint64_t kPrefetchChunk = 16384;
 __global__ void l2_prefetch_kernel(const char* __restrict__ p, uint64_t bytes) {
   pdl_launch_dependents();
   const uint64_t chunks = (bytes + kPrefetchChunk - 1) / kPrefetchChunk;
-  for (uint64_t c = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += (uint64_t)gridDim.x * blockDim.x) {
+  const uint64_t first = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x, step = (uint64_t)gridDim.x * blockDim.x;
+  for (uint64_t c = first; c < chunks; c += step) {
     const char* chunk = p + c * kPrefetchChunk;
     const uint32_t size = (uint32_t)min(kPrefetchChunk, bytes - c * kPrefetchChunk);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

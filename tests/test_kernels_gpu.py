@@ -454,9 +454,11 @@ def test_programmatic_launch_and_prefetch_change_no_bit(gpu_and_poison):
 
     plain = run(False)
     assert torch.isfinite(plain[0]).all(), f"non-finite chain output [seed {seed}]"
-    for label, outs in (("PDL", run(True)), ("PDL and prefetch", run(True, True)), ("prefetch", run(False, True))):
+    variants = (("PDL", run(True)), ("PDL and prefetch", run(True, True)), ("prefetch", run(False, True)))
+    for label, outs in variants:
         for i, (a, b) in enumerate(zip(plain, outs)):
-            assert torch.equal(a, b), f"replay {i}: {label} changed {int((a != b).sum())} elements [seed {seed}]"
+            changed = int((a != b).sum())
+            assert torch.equal(a, b), f"replay {i}: {label} changed {changed} elements [seed {seed}]"
 
 
 def test_prefetch_range_is_checked(gpu_and_poison):

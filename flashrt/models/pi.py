@@ -241,7 +241,8 @@ class PiModel:
         else:
             x = F.linear(F.silu(F.linear(x_t, self.in_w, self.step_bias[k])), self.mlp_out_w, self.mlp_out_b)
         h = gemma.run_layers(self.ops, self.dims.expert, self.expert, x, buf.cos, buf.sin, buf.k_cache,
-                             buf.v_cache, buf.slots, buf.windows[("steps", bucket)], mod=self.mods[k], prefetch=True)
+                             buf.v_cache, buf.slots, buf.windows[("steps", bucket)], mod=self.mods[k],
+                             prefetch=True)
         self.ops.linear_accumulate(buf.x_t, h, self.out_w, self.out_b)
         if k == self.num_steps - 1:
             n = buf.actions.shape[1]

@@ -13,7 +13,8 @@ namespace {
 // ------------------------------------------------------------------------------------------------
 // GeGLU: out[t, j] = gelu_tanh(gate[t, j]) * up[t, j], reading the fused gate/up GEMM output
 // gu = [gate | up] ([rows, 2m]) directly; or, not GATED, SigLIP's plain out = gelu_tanh(x). One
-// 16-byte vector of gate and the matching vector of up per thread; blockIdx.y is the row, so no division per element. gelu_tanh as PyTorch writes it:
+// 16-byte vector of gate and the matching vector of up per thread; blockIdx.y is the row, so no
+// division per element. gelu_tanh as PyTorch writes it:
 // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in fp32 with one rounding of the product.
 // Bytes: read 2m, write m elements per row (m bytes when written as FP8 for the down projection,
 // see store_fp8).

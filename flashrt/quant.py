@@ -67,6 +67,14 @@ def quantize_fp8(x: Tensor, inv_scale: Tensor) -> Tensor:
     return (x * inv_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def streamed(w) -> Tensor:
+    """The tensor a projection's GEMM reads its weights from, whatever form `linear` is given: the
+    weight, a quantized weight's values, or the weight a calibration recorder multiplies by."""
+    if isinstance(w, Tensor):
+        return w
+    return w.q if isinstance(w, QuantWeight) else w.weight
+
+
 def fp8_input(w) -> Tensor | None:
     """The static inverse input scale of an FP8 projection, for the op that produces its input to
     write FP8 directly (see ops.torch_ops); None for a projection that takes its input as it is."""

@@ -74,6 +74,13 @@ def test_recorder_tracks_amax_without_changing_results():
     assert float(r.amax) == pytest.approx(float(torch.cat([x1, x2]).abs().max()))
 
 
+def test_streamed_names_the_weights_a_gemm_reads():
+    w = torch.randn(8, 4)
+    qw = quant.QuantWeight.make(w, None, "int8", None)
+    assert quant.streamed(w) is w and quant.streamed(qw) is qw.q
+    assert quant.streamed(quant.Recorder(w, torch.zeros(1))) is w
+
+
 def test_recorder_skips_padding_rows():
     """Rows at or past valid_rows (the prefix's bucket padding, which may hold anything) never reach amax."""
     w = torch.randn(8, 4)

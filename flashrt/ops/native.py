@@ -347,10 +347,11 @@ _side = threading.local()  # one prefetch stream per thread and device: two capt
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    streams = _side.__dict__.setdefault("streams", {})
-    if device not in streams:
-        streams[device] = torch.cuda.Stream(device)
-    return streams[device]
+    if not hasattr(_side, "streams"):
+        _side.streams = {}
+    if device not in _side.streams:
+        _side.streams[device] = torch.cuda.Stream(device)
+    return _side.streams[device]
 
 
 @contextmanager

@@ -95,8 +95,12 @@ def _shape(value: Any) -> tuple[int, ...]:
     raise ProtocolError(BAD_INPUT, f"array shape must be a list of at most {MAX_NDIM} ints >= 0, got {value!r}")
 
 
-def _view(data: Any, dt: np.dtype, shape: tuple[int, ...], offset: int = 0, order: str = "C") -> np.ndarray:
-    """A read-only array over `data` after checking that its size is exactly dtype x shape."""
+def _view(data: Any, dt: np.dtype, shape: Any, offset: int = 0, order: str = "C") -> np.ndarray:
+    """A read-only array over `data` after checking that its size is exactly dtype x shape.
+
+    numpy checks the dims as it builds the view (ints, the buffer large enough); only a view that
+    fails, or whose size is not the buffer's, gets the slow checks that name the problem. Every
+    array of every request takes this path."""
     if type(data) is memoryview:  # an extra ZeroMQ frame: writable, so the view over it is made read-only
         data = data.toreadonly()
         size = data.nbytes - offset
@@ -104,15 +108,20 @@ def _view(data: Any, dt: np.dtype, shape: tuple[int, ...], offset: int = 0, orde
         size = len(data) - offset
     else:
         raise ProtocolError(BAD_INPUT, f"array data must be msgpack bin bytes, got {type(data).__name__}")
+    if (type(shape) is list or type(shape) is tuple) and len(shape) <= MAX_NDIM:
+        try:
+            if min(shape, default=0) >= 0:  # first: numpy would infer a dimension given as -1
+                arr = np.ndarray(shape, dt, data, offset, None, order)
+                if arr.nbytes == size:
+                    return arr
+        except (TypeError, ValueError, OverflowError):
+            pass
+    shape = _shape(shape)  # names a shape that is not a list of ints >= 0
     need = dt.itemsize
     for d in shape:
         need *= d
-    if size != need:
-        raise ProtocolError(
-            BAD_INPUT,
-            f"array of dtype {dt.str!r} and shape {list(shape)} needs {need} bytes of data, got {size}",
-        )
-    return np.ndarray(shape, dt, data, offset, None, order)
+    raise ProtocolError(BAD_INPUT, f"array of dtype {dt.str!r} and shape {list(shape)} needs {need} bytes of data, "
+                                   f"got {size}")
 
 
 def _npy(blob: Any) -> np.ndarray:
@@ -132,7 +141,7 @@ def _npy(blob: Any) -> np.ndarray:
     except Exception as e:
         raise ProtocolError(BAD_INPUT, f"as_npy is not a valid .npy file: {e}") from None
     _check_kind(dt, repr(dt.str))
-    return _view(blob, dt, _shape(shape), offset=f.tell(), order="F" if fortran_order else "C")
+    return _view(blob, dt, shape, offset=f.tell(), order="F" if fortran_order else "C")
 
 
 # Keys that mark a map as an array (in any accepted encoding, str or bin): a map with none of them
@@ -179,7 +188,7 @@ class _Reader:
 
     def _openpi(self, dtype: Any, shape: Any, data: Any, frame: Any) -> np.ndarray:
         self.encoding = OPENPI
-        dt, shape = _dtype(dtype), _shape(shape)
+        dt = _dtype(dtype)
         if data is None and frame is not None:  # zero-copy: the bytes travel as an extra ZeroMQ frame
             if type(frame) is not int or not 0 <= frame < len(self.frames):
                 raise ProtocolError(BAD_INPUT, f"array refers to frame {frame!r}, but the message has "
@@ -195,7 +204,7 @@ class _Reader:
                                            "pickle and kind 'V' a structured dtype; neither is ever decoded")
         dt = _dtype(obj["type"])
         if obj["nd"]:
-            return _view(obj["data"], dt, _shape(obj.get("shape")))
+            return _view(obj["data"], dt, obj.get("shape"))
         return _view(obj["data"], dt, ())[()]  # a scalar: one element's bytes
 
 

@@ -32,7 +32,7 @@ from .models import LoadedModel, Loader, flashrt_loader, load_model
 from .observation import describe_io, groot_observation, groot_reply, observation
 from .protocol import (BAD_INPUT, BAD_REQUEST, BUSY, OPENPI, TOO_LARGE, UNAUTHORIZED, UNAVAILABLE,
                        UNKNOWN_ENDPOINT, UNKNOWN_MODEL, VERSION, ProtocolError, decode, parse_envelope)
-from .request import Request, error_of, send_frames
+from .request import Request, error_of, recv_frames, send_frames
 from .scheduler import CudaDevice, ModelTally, Scheduler, SyncDevice
 from .security import server_curve
 from .stats import ModelStats
@@ -229,7 +229,7 @@ class Server:
             # before the next poll blocks.
             events = dict(poller.poll(0 if not self._mailbox.empty() else POLL_MS))
             if self._router in events:
-                self._on_request(self._router.recv_multipart(copy=False))
+                self._on_request(recv_frames(self._router))
             # The poller reports a plain descriptor by its number.
             woken = self._mailbox.fileno() in events
             if woken or not self._mailbox.empty():

@@ -19,7 +19,7 @@ from collections import Counter
 import zmq
 
 from .config import ServerConfig
-from .request import send_frames
+from .request import recv_frames, send_frames
 from .security import curve_server_keys
 
 RCVHWM = 16  # observations queued in the SUB socket; drained whenever readable
@@ -77,7 +77,7 @@ class Streams:
         newest: dict[bytes, list] = {}
         for _ in range(DRAIN_LIMIT):
             try:
-                frames = self.sub.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.sub, zmq.NOBLOCK)
             except zmq.Again:
                 break
             self.received += 1

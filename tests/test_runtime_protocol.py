@@ -101,6 +101,12 @@ def test_refuses_sizes_that_do_not_match_the_shape():
     assert "[224, 224, 3]" in msg
     _refused(_openpi(data=b"\0" * 16, dtype="<f4", shape=[2]), P.BAD_INPUT, "needs 8 bytes")
     _refused(_openpi(data=b"\0" * 4, dtype="<f4", shape=[-1]), P.BAD_INPUT, "shape")
+    _refused(_openpi(data=b"\0" * 4, dtype="<f4", shape=[1, -1]), P.BAD_INPUT, "shape")
+    _refused(_openpi(data=b"\0" * 4, dtype="<f4", shape=["1"]), P.BAD_INPUT, "shape")
+    _refused(_openpi(data=b"\0" * 4, dtype="<f4", shape=[None]), P.BAD_INPUT, "shape")
+    _refused(_openpi(data=b"\0" * 4, dtype="<f4", shape=[True]), P.BAD_INPUT, "shape")
+    _refused(_openpi(data=b"\0" * 4, dtype="<f4", shape=[1.0]), P.BAD_INPUT, "shape")
+    _refused(_openpi(data=b"\0" * 4, dtype="<f4", shape=[1 << 62, 1 << 62]), P.BAD_INPUT, "needs", "got 4")
     _refused(_openpi(data=b"\0" * 4, dtype="<f4", shape="4"), P.BAD_INPUT, "shape")
     _refused(_openpi(data=b"\0" * 4, dtype="<f4", shape=[1] * 40), P.BAD_INPUT, "shape")
     _refused(_openpi(data="text, not bytes", dtype="|u1", shape=[15]), P.BAD_INPUT, "bin bytes")

@@ -120,8 +120,8 @@ def _view(data: Any, dt: np.dtype, shape: Any, offset: int = 0, order: str = "C"
     need = dt.itemsize
     for d in shape:
         need *= d
-    raise ProtocolError(BAD_INPUT, f"array of dtype {dt.str!r} and shape {list(shape)} needs {need} bytes of data, "
-                                   f"got {size}")
+    raise ProtocolError(BAD_INPUT, f"array of dtype {dt.str!r} and shape {list(shape)} needs {need} bytes "
+                                   f"of data, got {size}")
 
 
 def _npy(blob: Any) -> np.ndarray:

@@ -25,6 +25,7 @@ from typing import Any
 
 import zmq
 
+from .frames import send_frames
 from .protocol import OPENPI, decode, encode
 
 DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"  # the server's PUB socket (server.publish_bind): action chunks
@@ -113,7 +114,7 @@ class PolicyClient:
             sock.rcvtimeo = timeout
             # A plain (copying) send: pyzmq's zero-copy send hands each buffer's release to a helper
             # thread, which costs more than copying a few hundred KB. The server reads frames in place.
-            sock.send_multipart([body, *(arrays or ())])
+            send_frames(sock, [body, *(arrays or ())])
             try:
                 reply, _ = decode(sock.recv())
             except zmq.Again:
@@ -214,7 +215,7 @@ class ObservationPublisher(_StreamSocket):
         """observation: {images: {camera: uint8 [H, W, 3]}, state, prompt?}, as for `infer`."""
         arrays: list | None = [] if self.frames else None
         body = encode(observation, self.encoding, arrays)
-        self._socket.send_multipart([model.encode(), body, *(arrays or ())])  # a plain copy, as PolicyClient.call
+        send_frames(self._socket, [model.encode(), body, *(arrays or ())])  # copied, as PolicyClient.call
 
 
 

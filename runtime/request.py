@@ -6,40 +6,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
-
 from flashrt.errors import FlashRTError
 
 from .protocol import DEADLINE, INTERNAL, OPENPI, UNAVAILABLE, ProtocolError, encode
 from .scheduler import Cancelled, Rejected
 
 log = logging.getLogger("flashrt.runtime")
-
-_send_frame = zmq.backend.Socket.send  # pyzmq's C-level send and receive, under its Python layer
-_recv_frame = zmq.backend.Socket.recv
-_SNDMORE = int(zmq.SNDMORE)
-
-
-def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
-    """`sock.recv_multipart(flags, copy=False)` without pyzmq's Python layer, which asks RCVMORE
-    through `getsockopt` after each frame when the C-level receive has already set `frame.more`:
-    ~10 us for a request of three frames instead of ~26 (2-core VM, warm)."""
-    frame = _recv_frame(sock, flags, False)
-    frames = [frame]
-    while frame.more:  # the parts of a message arrive together: only the first can raise zmq.Again
-        frame = _recv_frame(sock, 0, False)
-        frames.append(frame)
-    return frames
-
-
-def send_frames(sock: zmq.Socket, frames: list) -> None:
-    """`sock.send_multipart(frames)` for frames that are bytes, without pyzmq's Python layers around
-    each frame (a per-frame type check, keyword handling, and SNDMORE | flags on an enum.IntFlag in
-    Python): ~1 us a reply instead of ~6, spent before the reply leaves."""
-    for frame in frames[:-1]:
-        _send_frame(sock, frame, _SNDMORE)
-    _send_frame(sock, frames[-1], 0)
-
 
 @dataclass(slots=True, eq=False)
 class Request:

@@ -32,7 +32,8 @@ from .models import LoadedModel, Loader, flashrt_loader, load_model
 from .observation import describe_io, groot_observation, groot_reply, observation
 from .protocol import (BAD_INPUT, BAD_REQUEST, BUSY, OPENPI, TOO_LARGE, UNAUTHORIZED, UNAVAILABLE,
                        UNKNOWN_ENDPOINT, UNKNOWN_MODEL, VERSION, ProtocolError, decode, parse_envelope)
-from .request import Request, error_of, recv_frames, send_frames
+from .frames import recv_frames, send_frames
+from .request import Request, error_of
 from .scheduler import CudaDevice, ModelTally, Scheduler, SyncDevice
 from .security import server_curve
 from .stats import ModelStats

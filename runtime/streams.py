@@ -19,7 +19,7 @@ from collections import Counter
 import zmq
 
 from .config import ServerConfig
-from .request import recv_frames, send_frames
+from .frames import recv_frames, send_frames
 from .security import curve_server_keys
 
 RCVHWM = 16  # observations queued in the SUB socket; drained whenever readable

@@ -58,11 +58,13 @@ PYBIND11_MODULE(_kernels, m) {
         "it). Returns whether the current device supports it.");
 
   m.def("norm",
-        [](int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t y, int64_t y_stride, std::uintptr_t gate,
-           std::uintptr_t scale, std::uintptr_t shift, std::uintptr_t out, int64_t out_stride, int rows, int width,
-           float eps, int residual, bool layer_norm, std::uintptr_t inv_scale, std::uintptr_t stream) {
-          flashrt::norm(dtype, P(x), x_stride, P(y), y_stride, P(gate), P(scale), P(shift), P(out), out_stride, rows,
-                        width, eps, residual, layer_norm, reinterpret_cast<const float*>(inv_scale), P(stream));
+        [](int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t y, int64_t y_stride, int y_splits,
+           int64_t y_split_stride, std::uintptr_t gate, std::uintptr_t scale, std::uintptr_t shift, std::uintptr_t out,
+           int64_t out_stride, int rows, int width, float eps, int residual, bool layer_norm, std::uintptr_t inv_scale,
+           std::uintptr_t stream) {
+          flashrt::norm(dtype, P(x), x_stride, P(y), y_stride, y_splits, y_split_stride, P(gate), P(scale), P(shift),
+                        P(out), out_stride, rows, width, eps, residual, layer_norm,
+                        reinterpret_cast<const float*>(inv_scale), P(stream));
         },
         "Residual (none / add / gated) + RMSNorm or LayerNorm + optional scale/shift, one pass; FP8 output "
         "when inv_scale is set.");
@@ -147,4 +149,12 @@ PYBIND11_MODULE(_kernels, m) {
           flashrt::l2_prefetch(P(ptr), bytes, P(stream));
         },
         "Prefetch a range of constant device memory into L2 (a hint; changes no result).");
+
+  m.def("skinny_gemm_partials",
+        [](int dtype, std::uintptr_t x, int64_t x_stride, std::uintptr_t wt, int rows, int k, int n, int splits, int wf,
+           int ksplit, std::uintptr_t part, std::uintptr_t stream) {
+          flashrt::skinny_gemm_partials(dtype, P(x), x_stride, P(wt), rows, k, n, splits, wf, ksplit,
+                                        reinterpret_cast<float*>(part), P(stream));
+        },
+        "Split-K fp32 partials of x @ w.T for few rows, w pre-tiled (flashrt.ops.native.tile_skinny_weight).");
 }

@@ -20,8 +20,10 @@ enum ResidualMode : int { kResNone = 0, kResAdd = 1, kResGated = 2 };
 // leaves in x), one rounding of the output.
 // FP8 output (bf16/fp16 only): with inv_scale (a device float) set, out holds one byte per element,
 // e4m3(round_to_dtype(out) * *inv_scale) saturated to +-448: the input of an FP8 projection.
-void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride, const void* gate,
-          const void* scale, const void* shift, void* out, int64_t out_stride, int rows, int width,
+// y_splits > 0: y is fp32 split-K partials [y_splits] (split stride y_split_stride, row stride y_stride,
+// in floats), summed and rounded to the dtype first (the output of skinny_gemm_partials).
+void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride, int y_splits, int64_t y_split_stride,
+          const void* gate, const void* scale, const void* shift, void* out, int64_t out_stride, int rows, int width,
           float eps, int residual, bool layer_norm, const float* inv_scale, void* stream);
 
 // GeGLU (gated): out[t, j] = gelu_tanh(x[t, j]) * x[t, m + j], x [rows, 2m]; else out[t, j] =
@@ -85,6 +87,13 @@ void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k,
 // L2 prefetch hint for `bytes` of constant device memory at `ptr` (16-byte aligned, a multiple of
 // 16 bytes): the weights of a GEMM that runs a little later. Changes no result.
 void l2_prefetch(const void* ptr, uint64_t bytes, void* stream);
+
+// Split-K GEMM for few rows (<= 56) against a weight pre-tiled by flashrt.ops.native.tile_skinny_weight:
+//   part[s, r, j] = sum over k in split s of x[r, k] * w[j, k]   (fp32 [splits, rows, n], contiguous)
+// x bf16 [rows, k] (row stride x_stride); wt the tiled w [n, k] for `wf` (4 or 8: 16 wf features per CTA);
+// ksplit (1 or 2) warp groups per CTA take its k chunks in turn. The consumer sums the splits.
+void skinny_gemm_partials(int dtype, const void* x, int64_t x_stride, const void* wt, int rows, int k, int n,
+                          int splits, int wf, int ksplit, float* part, void* stream);
 
 // Programmatic dependent launch (sm_90+, common.cuh) for every kernel launched from now on: on by
 // default; off only to measure what it gains. Returns whether this device uses it when on.

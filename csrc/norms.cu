@@ -21,6 +21,7 @@ namespace {
 
 template <typename T, int VPT, int RES, bool LN, bool AFFINE>
 __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __restrict__ y, int64_t y_stride,
+                            const float* __restrict__ y_part, int y_splits, int64_t y_split_stride,
                             const T* __restrict__ gate, const T* __restrict__ scale,
                             const T* __restrict__ shift, T* __restrict__ out, int64_t out_stride,
                             int width, float eps, const float* __restrict__ inv_scale) {
@@ -30,7 +31,8 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
   const int64_t row = blockIdx.x;
   const int nvec = width / N;
   T* xr = x + row * x_stride;
-  const T* yr = RES != kResNone ? y + row * y_stride : nullptr;
+  const T* yr = RES != kResNone && y != nullptr ? y + row * y_stride : nullptr;
+  const float* pr = y_part != nullptr ? y_part + row * y_stride : nullptr;  // y as fp32 split-K partials
 
   // 1. load (and residual-add) the row into registers; padding lanes hold zeros.
   float v[VPT][N];
@@ -42,7 +44,23 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
       load_vec(xr + c * N, v[j]);
       if constexpr (RES != kResNone) {
         float a[N];
-        load_vec_ro(yr + c * N, a);
+        if (pr != nullptr) {
+          // The GEMM before left its split-K partials (skinny_gemm_partials): their sum, rounded
+          // to T as the GEMM's own output would have been.
+#pragma unroll
+          for (int i = 0; i < N; ++i) a[i] = 0.f;
+          for (int sp = 0; sp < y_splits; ++sp) {
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+              const float4 u = __ldg(reinterpret_cast<const float4*>(pr + sp * y_split_stride + c * N) + q);
+              a[4 * q] += u.x; a[4 * q + 1] += u.y; a[4 * q + 2] += u.z; a[4 * q + 3] += u.w;
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < N; ++i) a[i] = round_to<T>(a[i]);
+        } else {
+          load_vec_ro(yr + c * N, a);
+        }
         if constexpr (RES == kResGated) {
           float g[N];
           load_vec_ro(gate + c * N, g);
@@ -108,7 +126,8 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
 }
 
 template <typename T, int RES, bool LN, bool AFFINE>
-void launch_norm(T* x, int64_t x_stride, const T* y, int64_t y_stride, const T* gate, const T* scale,
+void launch_norm(T* x, int64_t x_stride, const T* y, int64_t y_stride, const float* y_part, int y_splits,
+                 int64_t y_split_stride, const T* gate, const T* scale,
                  const T* shift, T* out, int64_t out_stride, int rows, int width, float eps,
                  const float* inv_scale, cudaStream_t stream) {
   constexpr int N = Vec<T>::N;
@@ -117,20 +136,23 @@ void launch_norm(T* x, int64_t x_stride, const T* y, int64_t y_stride, const T* 
   if (nvec <= 1024) {
     const int threads = ((nvec + 31) / 32) * 32;
     launch("norm", norm_kernel<T, 1, RES, LN, AFFINE>, rows, threads, 0, stream,
-        x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, width, eps, inv_scale);
+        x, x_stride, y, y_stride, y_part, y_splits, y_split_stride, gate, scale, shift, out, out_stride, width, eps,
+        inv_scale);
   } else {
     const int threads = (((nvec + 3) / 4 + 31) / 32) * 32;
     launch("norm", norm_kernel<T, 4, RES, LN, AFFINE>, rows, threads, 0, stream,
-        x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, width, eps, inv_scale);
+        x, x_stride, y, y_stride, y_part, y_splits, y_split_stride, gate, scale, shift, out, out_stride, width, eps,
+        inv_scale);
   }
 }
 
 template <typename T>
-void norm_t(void* x, int64_t x_stride, const void* y, int64_t y_stride, const void* gate, const void* scale,
-            const void* shift, void* out, int64_t out_stride, int rows, int width, float eps, int residual,
-            bool layer_norm, const float* inv_scale, cudaStream_t stream) {
+void norm_t(void* x, int64_t x_stride, const void* y, int64_t y_stride, int y_splits, int64_t y_split_stride,
+            const void* gate, const void* scale, const void* shift, void* out, int64_t out_stride, int rows,
+            int width, float eps, int residual, bool layer_norm, const float* inv_scale, cudaStream_t stream) {
   auto X = static_cast<T*>(x);
-  auto Y = static_cast<const T*>(y);
+  auto Y = y_splits > 0 ? nullptr : static_cast<const T*>(y);
+  auto YP = y_splits > 0 ? static_cast<const float*>(y) : nullptr;
   auto G = static_cast<const T*>(gate);
   auto S = static_cast<const T*>(scale);
   auto B = static_cast<const T*>(shift);
@@ -141,21 +163,21 @@ void norm_t(void* x, int64_t x_stride, const void* y, int64_t y_stride, const vo
     require(affine, "norm", "layer_norm needs weight and bias");
     require(residual != kResGated, "norm", "gated residual is not used with layer_norm");
     if (residual == kResNone)
-      launch_norm<T, kResNone, true, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
+      launch_norm<T, kResNone, true, true>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
     else
-      launch_norm<T, kResAdd, true, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
+      launch_norm<T, kResAdd, true, true>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
   } else if (affine) {  // adaRMSNorm
     if (residual == kResNone)
-      launch_norm<T, kResNone, false, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
+      launch_norm<T, kResNone, false, true>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
     else if (residual == kResGated)
-      launch_norm<T, kResGated, false, true>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
+      launch_norm<T, kResGated, false, true>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
     else
       require(false, "norm", "adaRMSNorm takes the gated residual");
   } else {  // plain RMSNorm, (1 + w) folded into the next projection
     if (residual == kResNone)
-      launch_norm<T, kResNone, false, false>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
+      launch_norm<T, kResNone, false, false>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
     else if (residual == kResAdd)
-      launch_norm<T, kResAdd, false, false>(X, x_stride, Y, y_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
+      launch_norm<T, kResAdd, false, false>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
     else
       require(false, "norm", "RMSNorm takes the plain residual");
   }
@@ -163,9 +185,11 @@ void norm_t(void* x, int64_t x_stride, const void* y, int64_t y_stride, const vo
 
 }  // namespace
 
-void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride, const void* gate,
-          const void* scale, const void* shift, void* out, int64_t out_stride, int rows, int width,
+void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride, int y_splits, int64_t y_split_stride,
+          const void* gate, const void* scale, const void* shift, void* out, int64_t out_stride, int rows, int width,
           float eps, int residual, bool layer_norm, const float* inv_scale, void* stream) {
+  require(y_splits == 0 || (residual != kResNone && y_stride % 4 == 0 && y_split_stride % 4 == 0), "norm",
+          "split-K partials (y_splits > 0) need a residual mode and 16-byte aligned rows");
   const int vec = dtype == kFloat32 ? 4 : 8;
   require(width > 0 && width % vec == 0 && width / vec <= 4096, "norm", "width must be a positive multiple of 16 bytes, at most 4096 vectors");
   require(residual != kResGated || gate != nullptr, "norm", "gated residual needs gate");
@@ -174,9 +198,9 @@ void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride,
   if (rows == 0) return;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case kFloat32: norm_t<float>(x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
-    case kFloat16: norm_t<__half>(x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
-    case kBFloat16: norm_t<__nv_bfloat16>(x, x_stride, y, y_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
+    case kFloat32: norm_t<float>(x, x_stride, y, y_stride, y_splits, y_split_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
+    case kFloat16: norm_t<__half>(x, x_stride, y, y_stride, y_splits, y_split_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
+    case kBFloat16: norm_t<__nv_bfloat16>(x, x_stride, y, y_stride, y_splits, y_split_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
     default: require(false, "norm", "unsupported dtype");
   }
 }

@@ -32,6 +32,9 @@ class Platform:
     # The denoising steps prefetch each expert GEMM's weights into L2 beside the GEMM before it
     # (ops.prefetch_l2).
     l2_prefetch: bool = False
+    # In bf16, the action expert's o and down projections run FlashRT's split-K few-row GEMM
+    # (csrc/skinny_gemm.cu) on weights tiled at load; the norms after them sum its partials.
+    skinny_gemm: bool = False
     _attention_forced: bool = False  # set when a config overrides the attention choice
 
     @property
@@ -97,6 +100,11 @@ _NATIVE_ATTENTION_ROWS: dict[str, int] = {
 # cannot hold one projection.
 _L2_PREFETCH = {"hopper"}
 
+# Where the expert's o and down through csrc/skinny_gemm.cu were measured to pay (benchmarks/skinny_gemm.py;
+# H100: Pi0.5 2 cams 14.49 -> 14.00 ms, Pi0 3 cams 17.69 -> 17.52 ms in bf16). Its CTAs hold up to 90 KB of
+# shared memory; elsewhere it stays off until measured.
+_SKINNY_GEMM = {"hopper"}
+
 
 def _arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
     """Whether SASS for `arch` ("sm_90", "sm_90a", "sm_120") runs on a GPU of `capability`.
@@ -153,6 +161,7 @@ def probe(device: str | None = None) -> Platform:
         native_kernels=native,
         native_attention_rows=_NATIVE_ATTENTION_ROWS.get(name, 1024) if native else 0,
         l2_prefetch=native and name in _L2_PREFETCH,
+        skinny_gemm=native and name in _SKINNY_GEMM,
     )
 
 

@@ -27,7 +27,7 @@ from .config import ModelConfig
 from .engine import Engine, Segment
 from .errors import ConfigError, InputError
 from .job import Job, Slot, split_inputs
-from .models import layout
+from .models import gemma, layout
 from .models.pi import PiModel
 
 # Activation dtype per precision (fp8/int8 quantize the big linears' weights and inputs; see quant.py).
@@ -115,6 +115,9 @@ class Policy:
         with torch.inference_mode():
             model = PiModel(dims, lambda k: source.get(k, self.device), self.device, dtype,
                             ops.for_platform(plat), horizon, config.num_steps)
+            # The expert's o and down on csrc/skinny_gemm.cu (fp8/int8 replace these weights instead).
+            if plat.skinny_gemm and plat.native_kernels and precision == "bf16":
+                gemma.tile_skinny(model.ops, model.expert, horizon)
             model.state_norm[:, : config.state_dim] = torch.from_numpy(norm.state.rows())
             model.action_unnorm[:, : config.action_dim] = torch.from_numpy(norm.actions.rows())
             if plat.is_cuda:

@@ -69,10 +69,36 @@ def quantize_fp8(x: Tensor, inv_scale: Tensor) -> Tensor:
 
 def streamed(w) -> Tensor:
     """The tensor a projection's GEMM reads its weights from, whatever form `linear` is given: the
-    weight, a quantized weight's values, or the weight a calibration recorder multiplies by."""
+    weight, a quantized weight's values, a skinny weight's tiles, or the weight a calibration
+    recorder multiplies by."""
     if isinstance(w, Tensor):
         return w
+    if isinstance(w, SkinnyWeight):
+        return w.tiled
     return w.q if isinstance(w, QuantWeight) else w.weight
+
+
+@dataclass(eq=False)
+class SkinnyWeight:
+    """A bf16 weight of the action expert tiled at load for the split-K few-row GEMM
+    (csrc/skinny_gemm.cu, Platform.skinny_gemm): `linear` returns its fp32 split-K partials
+    [splits, rows, out], which the norm after it sums (ops.add_rms_norm / add_ada_rms_norm take
+    them as y). The untiled weight stays for the torch ops."""
+
+    weight: Tensor  # [out, in], for the torch path
+    tiled: Tensor  # ops.tile_skinny_weight(weight, wf)
+    splits: int
+    wf: int
+    ksplit: int
+
+    def __call__(self, x: Tensor, b: Tensor | None = None, ops=None) -> Tensor:
+        assert b is None, "skinny weights have no bias"
+        if hasattr(ops, "skinny_gemm_partials") and hasattr(ops, "tile_skinny_weight"):
+            n = self.weight.shape[0]
+            return ops.skinny_gemm_partials(x, self.tiled, n, self.splits, self.wf, self.ksplit)
+        from .ops import torch_ops
+
+        return torch_ops.skinny_gemm_partials(x, self.weight, self.splits)
 
 
 def fp8_input(w) -> Tensor | None:

@@ -479,6 +479,71 @@ def test_prefetch_range_is_checked(gpu_and_poison):
 
 
 # ---------------------------------------------------------------------------------------------
+# Split-K GEMM for few rows (the action expert's shapes; csrc/skinny_gemm.cu)
+
+
+@pytest.mark.parametrize("rows", [50, 1, 56])
+@pytest.mark.parametrize("shape,config", [
+    ((1024, 2560), (8, 4, 2)),   # qkv: splits, wf, ksplit
+    ((2048, 1024), (8, 4, 2)),   # o
+    ((1024, 8192), (2, 8, 2)),   # gate_up
+    ((4096, 1024), (8, 4, 2)),   # down
+    ((4096, 1024), (16, 4, 1)),
+    ((1024, 2560), (2, 4, 1)),
+], ids=["qkv", "o", "gate_up", "down", "down-s16-k1", "qkv-s2-k1"])
+def test_skinny_gemm_partials(gpu_and_poison, shape, config, rows):
+    seed = gpu_and_poison
+    (k, n), (splits, wf, ksplit) = shape, config
+    x = randn(rows, k, dtype=torch.bfloat16)
+    w = randn(n, k, dtype=torch.bfloat16, scale=0.03)
+    got = native.skinny_gemm_partials(x, native.tile_skinny_weight(w, wf), n, splits, wf, ksplit)
+    ref = torch_ops.skinny_gemm_partials(x, w, splits)
+    ks = k // splits
+    exact = torch.stack([x[:, s * ks:(s + 1) * ks].double() @ w[:, s * ks:(s + 1) * ks].double().T
+                         for s in range(splits)])
+    assert got.shape == (splits, rows, n)
+    check("skinny_gemm_partials", got, ref, exact, torch.float32, seed)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["ada", "plain"])
+def test_norm_sums_split_k_partials(gpu_and_poison, gated):
+    """The norm after a skinny GEMM takes its fp32 partials as y: their sum, rounded to the dtype."""
+    seed = gpu_and_poison
+    x = randn(50, 1024, dtype=torch.bfloat16)
+    part = randn(8, 50, 1024, dtype=torch.float32, scale=0.2)
+    # gate, 1 + scale, shift
+    vecs = [randn(1024, dtype=torch.bfloat16, scale=0.5, shift=s) for s in (0.0, 1.0, 0.0)]
+    xn, xr = x.clone(), x.clone()
+    if gated:
+        got = native.add_ada_rms_norm(xn, part, *vecs, 1e-6)
+        ref = torch_ops.add_ada_rms_norm(xr, part, *vecs, 1e-6)
+        exact_x = x.double() + part.double().sum(0) * vecs[0].double()
+    else:
+        got, ref = native.add_rms_norm(xn, part, 1e-6), torch_ops.add_rms_norm(xr, part, 1e-6)
+        exact_x = x.double() + part.double().sum(0)
+    check("norm(partials) residual", xn, xr, exact_x, torch.bfloat16, seed)
+    assert torch.isfinite(got).all(), f"unwritten output [seed {seed}]"
+    assert rel(got, ref) <= TOL[torch.bfloat16], \
+        f"norm(partials): {rel(got, ref):.2e} from the torch op [seed {seed}]"
+
+
+def test_skinny_gemm_partials_refuses_what_it_cannot_run(gpu_and_poison):
+    x = randn(50, 1024, dtype=torch.bfloat16)
+    wt = native.tile_skinny_weight(randn(1024, 1024, dtype=torch.bfloat16), 4)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        native.skinny_gemm_partials(x, wt, 1024, 3, 4, 1)  # 1024 / 3 is not whole chunks
+    with pytest.raises(ValueError, match="at most 1024"):
+        wide = native.tile_skinny_weight(randn(1024, 4096, dtype=torch.bfloat16), 4)
+        native.skinny_gemm_partials(randn(50, 4096, dtype=torch.bfloat16), wide, 1024, 1, 4, 1)
+    with pytest.raises(ValueError, match="rows"):
+        native.skinny_gemm_partials(randn(57, 1024, dtype=torch.bfloat16), wt, 1024, 4, 4, 1)
+    with pytest.raises(ValueError, match="bf16"):
+        native.skinny_gemm_partials(x.half(), wt, 1024, 4, 4, 1)
+    with pytest.raises(ValueError, match="does not tile"):
+        native.tile_skinny_weight(randn(100, 1024, dtype=torch.bfloat16), 4)
+
+
+# ---------------------------------------------------------------------------------------------
 # Euler update fused with the output projection
 
 
@@ -546,6 +611,11 @@ def test_full_model_native_matches_torch_ops(kind):
     for kernels in ("auto", "torch"):
         policy = flashrt.load({**cfg, "kernels": kernels})
         assert policy.model.ops.native == (kernels == "auto")
+        if kernels == "auto" and policy.platform.skinny_gemm:  # the expert's o and down: csrc/skinny_gemm.cu
+            from flashrt.quant import SkinnyWeight
+
+            expert = policy.model.expert
+            assert all(isinstance(L.o, SkinnyWeight) and isinstance(L.down, SkinnyWeight) for L in expert)
         out[kernels] = policy.infer(obs, noise=noise)["actions"].astype(np.float64)
         del policy
         torch.cuda.empty_cache()

@@ -95,8 +95,10 @@ def _vector_ok(t: Tensor, n: int, dtype: torch.dtype) -> bool:
 def _norm(x: Tensor, y: Tensor | None, gate: Tensor | None, scale: Tensor | None, shift: Tensor | None,
           eps: float, residual: int, layer_norm: bool, quant: Tensor | None) -> Tensor:
     out = _empty(x.shape, x.dtype if quant is None else FP8, x.device)
+    parts = y is not None and y.dim() == 3  # a GEMM's split-K partials [splits, rows, width], fp32
     _kernels.norm(_CODES[x.dtype], x.data_ptr(), x.stride(0), 0 if y is None else y.data_ptr(),
-                  0 if y is None else y.stride(0), 0 if gate is None else gate.data_ptr(),
+                  0 if y is None else y.stride(-2), y.shape[0] if parts else 0, y.stride(0) if parts else 0,
+                  0 if gate is None else gate.data_ptr(),
                   0 if scale is None else scale.data_ptr(), 0 if shift is None else shift.data_ptr(),
                   out.data_ptr(), out.stride(0), x.shape[0], x.shape[1], float(eps), residual, layer_norm,
                   0 if quant is None else quant.data_ptr(), _stream(x))
@@ -112,7 +114,11 @@ def _quant_ok(x: Tensor, quant: Tensor | None) -> bool:
 def _norm_args_ok(x: Tensor, y: Tensor | None = None, *vectors: Tensor, quant: Tensor | None = None) -> bool:
     if not _rows_ok(x) or x.shape[1] == 0 or x.shape[1] // _vec(x) > 4096 or not _quant_ok(x, quant):
         return False
-    if y is not None and (not _rows_ok(y, x.dtype) or y.shape != x.shape or y.device != x.device):
+    if y is not None and y.dim() == 3:  # split-K partials: fp32, contiguous rows of x's shape
+        if not (y.dtype == torch.float32 and y.shape[1:] == x.shape and y.is_contiguous()
+                and y.device == x.device and y.data_ptr() % 16 == 0):
+            return False
+    elif y is not None and (not _rows_ok(y, x.dtype) or y.shape != x.shape or y.device != x.device):
         return False
     return all(_vector_ok(v, x.shape[1], x.dtype) and v.device == x.device for v in vectors)
 
@@ -247,6 +253,34 @@ def linear_accumulate(acc: Tensor, x: Tensor, w: Tensor, b: Tensor) -> None:
                                w.data_ptr(), w.stride(0), 0 if b is None else b.data_ptr(), acc.shape[0],
                                acc.shape[1], x.shape[1], _stream(acc))
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-K GEMM for the action expert's few rows (csrc/skinny_gemm.cu; Platform.skinny_gemm)
+
+
+def tile_skinny_weight(w: Tensor, wf: int) -> Tensor:
+    """w [n, k] laid out for skinny_gemm_partials, once at load: per block of 16 wf output features,
+    per 16 inputs, each 16 x 16 piece in mma.sync A-fragment order (a lane's 8 values contiguous), so
+    one CTA's slice is one contiguous block."""
+    n, k = w.shape
+    if n % (16 * wf) or k % 16:
+        raise ValueError(f"tile_skinny_weight: a [{n}, {k}] weight does not tile by {16 * wf} x 16")
+    return w.view(n // (16 * wf), wf, 2, 8, k // 16, 2, 4, 2).permute(0, 4, 1, 3, 6, 5, 2, 7).contiguous()
+
+
+def skinny_gemm_partials(x: Tensor, wt: Tensor, n: int, splits: int, wf: int, ksplit: int) -> Tensor:
+    """The split-K partials [splits, rows, n] (fp32) of x @ w.T, wt = tile_skinny_weight(w, wf); as
+    torch_ops.skinny_gemm_partials(x, w, splits). The kernel's own checks raise ValueError."""
+    rows, k = x.shape
+    if not (_rows_ok(x, torch.bfloat16) and wt.is_contiguous() and wt.numel() == n * k and wt.dtype == x.dtype
+            and wt.device == x.device):
+        raise ValueError("skinny_gemm_partials: x must be bf16 [rows, k] on the GPU with 16-byte aligned "
+                         "rows, wt the contiguous tile_skinny_weight of a [n, k] weight on the same device")
+    part = _empty((splits, rows, n), torch.float32, x.device)
+    _kernels.skinny_gemm_partials(_CODES[x.dtype], x.data_ptr(), x.stride(0), wt.data_ptr(), rows, k, n,
+                                  splits, wf, ksplit, part.data_ptr(), _stream(x))
+    return part
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +463,8 @@ def native_ops(platform) -> dict:
     }
     if getattr(platform, "l2_prefetch", False):
         ops["prefetch_l2"] = prefetch_l2
+    if getattr(platform, "skinny_gemm", False):
+        ops.update(skinny_gemm_partials=skinny_gemm_partials, tile_skinny_weight=tile_skinny_weight)
     if rows > 0:
         ops["attention_flash_varlen"] = make_attention_flash_varlen(rows)
         ops["attention_sdpa"] = make_attention_sdpa(rows)

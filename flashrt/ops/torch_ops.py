@@ -31,9 +31,14 @@ def rms_norm(x: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
     return _out(F.rms_norm(x, (x.shape[-1],), eps=eps), quant)
 
 
+def summed(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """y, or when it is a GEMM's fp32 split-K partials [splits, rows, n], their sum in `dtype`."""
+    return y.sum(0).to(dtype) if y.dim() == 3 else y
+
+
 def add_rms_norm(x: Tensor, y: Tensor, eps: float, quant: Tensor | None = None) -> Tensor:
-    """x += y (in place); return rms_norm(x)."""
-    x.add_(y)
+    """x += y (in place; y may be split-K partials, see summed); return rms_norm(x)."""
+    x.add_(summed(y, x.dtype))
     return rms_norm(x, eps, quant)
 
 
@@ -44,8 +49,9 @@ def ada_rms_norm(x: Tensor, scale1p: Tensor, shift: Tensor, eps: float, quant: T
 
 def add_ada_rms_norm(x: Tensor, y: Tensor, gate: Tensor, scale1p: Tensor, shift: Tensor, eps: float,
                      quant: Tensor | None = None) -> Tensor:
-    """Pi0.5 gated residual then adaRMSNorm: x += gate * y (in place); return ada_rms_norm(x)."""
-    x.addcmul_(y, gate)
+    """Pi0.5 gated residual then adaRMSNorm: x += gate * y (in place; y may be split-K partials, see
+    summed); return ada_rms_norm(x)."""
+    x.addcmul_(summed(y, x.dtype), gate)
     return ada_rms_norm(x, scale1p, shift, eps, quant)
 
 
@@ -141,6 +147,15 @@ def attention_flash_varlen(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Te
 def linear_accumulate(acc: Tensor, x: Tensor, w: Tensor, b: Tensor) -> None:
     """acc += x @ w.T + b, acc in float32: the flow's Euler update x_t += dt * v with dt folded into w, b."""
     acc.add_(F.linear(x, w, b))
+
+
+def skinny_gemm_partials(x: Tensor, w: Tensor, splits: int) -> Tensor:
+    """The split-K partials of x @ w.T in fp32: out[s] = x[:, ks s : ks (s + 1)] @ w[:, same].T,
+    ks = k / splits."""
+    rows, k = x.shape
+    ks = k // splits
+    return torch.bmm(x.float().view(rows, splits, ks).transpose(0, 1),
+                     w.float().view(-1, splits, ks).permute(1, 2, 0))
 
 
 def attention_mha(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import cuda_timed, machine, save  # noqa: E402
+from benchmarks.common import machine, platform_entry, replay_ab, save  # noqa: E402
 from benchmarks.pi_latency import CAMS, observation  # noqa: E402
 
 import flashrt  # noqa: E402
@@ -31,23 +31,14 @@ ROUNDS = 3
 
 def load(kind: str, n_cams: int, precision: str, prefetch: bool):
     """A policy on this GPU with the L2 prefetch forced on or off (the platform table's entry)."""
-    saved = set(hardware._L2_PREFETCH)
-    hardware._L2_PREFETCH.clear()
-    if prefetch:
-        hardware._L2_PREFETCH.add(hardware.detect().name)
-    hardware.detect.cache_clear()
-    try:
-        cfg = dict(name=kind, kind=kind, checkpoint="random", random={"seed": 0, "size": "full"},
-                   cameras=CAMS[:n_cams], state_dim=8, action_dim=7, precision=precision)
-        if precision != "bf16" and not prefetch:
-            cfg["calibration"] = {"refresh": True}
+    cfg = dict(name=kind, kind=kind, checkpoint="random", random={"seed": 0, "size": "full"},
+               cameras=CAMS[:n_cams], state_dim=8, action_dim=7, precision=precision)
+    if precision != "bf16" and not prefetch:
+        cfg["calibration"] = {"refresh": True}
+    with platform_entry(hardware._L2_PREFETCH, prefetch):
         policy = flashrt.load(cfg)
-        assert policy.platform.l2_prefetch == prefetch
-        return policy
-    finally:
-        hardware._L2_PREFETCH.clear()
-        hardware._L2_PREFETCH.update(saved)
-        hardware.detect.cache_clear()
+    assert policy.platform.l2_prefetch == prefetch
+    return policy
 
 
 def case(kind: str, n_cams: int, precision: str) -> dict:
@@ -56,14 +47,7 @@ def case(kind: str, n_cams: int, precision: str) -> dict:
     noise = rng.normal(size=(50, 32)).astype(np.float32)
     policies = {"off": load(kind, n_cams, precision, False), "on": load(kind, n_cams, precision, True)}
     actions = {k: p.infer(obs, noise=noise)["actions"] for k, p in policies.items()}
-    bucket = next(b for b in policies["off"].buckets if b >= 48)
-    rounds: dict = {k: [] for k in policies}
-    for _ in range(ROUNDS):
-        for k, p in policies.items():
-            p.infer(obs)
-            rounds[k].append(cuda_timed(lambda p=p: p.engine.run(bucket), 10, 100)["p50"])
-    off, on = float(np.median(rounds["off"])), float(np.median(rounds["on"]))
-    out = {"replay_p50_ms_rounds": rounds, "off_ms": off, "on_ms": on, "gain_ms": off - on,
+    out = {**replay_ab(policies, obs, ROUNDS),
            "identical_actions": bool(np.array_equal(actions["off"], actions["on"]))}
     del policies
     gc.collect()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import cuda_timed, machine, save  # noqa: E402
+from benchmarks.common import machine, platform_entry, replay_ab, save  # noqa: E402
 from benchmarks.pi_latency import CAMS, observation  # noqa: E402
 
 import flashrt  # noqa: E402
@@ -31,21 +31,12 @@ ROUNDS = 4
 
 def load(kind: str, n_cams: int, skinny: bool):
     """A bf16 policy on this GPU with the skinny GEMM forced on or off (the platform table's entry)."""
-    saved = set(hardware._SKINNY_GEMM)
-    hardware._SKINNY_GEMM.clear()
-    if skinny:
-        hardware._SKINNY_GEMM.add(hardware.detect().name)
-    hardware.detect.cache_clear()
-    try:
+    with platform_entry(hardware._SKINNY_GEMM, skinny):
         policy = flashrt.load(dict(name=kind, kind=kind, checkpoint="random",
                                    random={"seed": 0, "size": "full"}, cameras=CAMS[:n_cams], state_dim=8,
                                    action_dim=7, precision="bf16"))
-        assert isinstance(policy.model.expert[0].down, SkinnyWeight) == skinny
-        return policy
-    finally:
-        hardware._SKINNY_GEMM.clear()
-        hardware._SKINNY_GEMM.update(saved)
-        hardware.detect.cache_clear()
+    assert isinstance(policy.model.expert[0].down, SkinnyWeight) == skinny
+    return policy
 
 
 def case(kind: str, n_cams: int) -> dict:
@@ -54,14 +45,7 @@ def case(kind: str, n_cams: int) -> dict:
     noise = rng.normal(size=(50, 32)).astype(np.float32)
     policies = {"off": load(kind, n_cams, False), "on": load(kind, n_cams, True)}
     a, b = (p.infer(obs, noise=noise)["actions"].ravel().astype(np.float64) for p in policies.values())
-    bucket = next(bk for bk in policies["off"].buckets if bk >= 48)
-    rounds: dict = {k: [] for k in policies}
-    for _ in range(ROUNDS):
-        for k, p in policies.items():
-            p.infer(obs)
-            rounds[k].append(cuda_timed(lambda p=p: p.engine.run(bucket), 10, 100)["p50"])
-    off, on = float(np.median(rounds["off"])), float(np.median(rounds["on"]))
-    out = {"replay_p50_ms_rounds": rounds, "off_ms": off, "on_ms": on, "gain_ms": off - on,
+    out = {**replay_ab(policies, obs, ROUNDS),
            "action_cosine": float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))}
     del policies
     gc.collect()

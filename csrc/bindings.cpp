@@ -156,5 +156,5 @@ PYBIND11_MODULE(_kernels, m) {
           flashrt::skinny_gemm_partials(dtype, P(x), x_stride, P(wt), rows, k, n, splits, wf, ksplit,
                                         reinterpret_cast<float*>(part), P(stream));
         },
-        "Split-K fp32 partials of x @ w.T for few rows, w pre-tiled (flashrt.ops.native.tile_skinny_weight).");
+        "Split-K fp32 partials of x @ w.T for few rows, w pre-tiled (flashrt.quant.tile_skinny_weight).");
 }

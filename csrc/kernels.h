@@ -88,7 +88,7 @@ void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k,
 // 16 bytes): the weights of a GEMM that runs a little later. Changes no result.
 void l2_prefetch(const void* ptr, uint64_t bytes, void* stream);
 
-// Split-K GEMM for few rows (<= 56) against a weight pre-tiled by flashrt.ops.native.tile_skinny_weight:
+// Split-K GEMM for few rows (<= 56) against a weight pre-tiled by flashrt.quant.tile_skinny_weight:
 //   part[s, r, j] = sum over k in split s of x[r, k] * w[j, k]   (fp32 [splits, rows, n], contiguous)
 // x bf16 [rows, k] (row stride x_stride); wt the tiled w [n, k] for `wf` (4 or 8: 16 wf features per CTA);
 // ksplit (1 or 2) warp groups per CTA take its k chunks in turn. The consumer sums the splits.

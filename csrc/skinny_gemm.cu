@@ -4,7 +4,7 @@
 //   part[s, r, n] = sum over k in split s of x[r, k] * w[n, k]      (fp32; the consumer sums s)
 //
 // Shapes: rows <= 56 (7 n8 tiles of mma.sync), n a multiple of 16 WF, k / splits a multiple of 64.
-// The weight is re-laid out once (flashrt.ops.native.tile_skinny_weight) so that one CTA's slice,
+// The weight is re-laid out once (flashrt.quant.tile_skinny_weight) so that one CTA's slice,
 // WF * 16 output features by k / splits inputs, is one contiguous block in mma.sync A-fragment
 // order: each lane's fragment of a 16 x 16 block is one 16-byte shared load.
 //
@@ -173,17 +173,19 @@ void launch_skinny(const void* x, int64_t x_stride, const void* wt, int rows, in
   const int ks = k / splits;
   const size_t smem = smem_bytes(WF, KSPLIT, ks, rows);
   auto kernel = skinny_gemm_kernel<WF, KSPLIT>;
-  static bool configured[64] = {};  // the dynamic shared-memory opt-in is per device
-  int dev = 0, optin = 0;
+  static int optin[64] = {};  // per device: the shared-memory opt-in, set on the kernel at its first launch
+  int dev = 0;
   cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  require(smem <= (size_t)optin, "skinny_gemm_partials",
-          "k / splits too large for this GPU's shared memory: use more splits or ksplit 1");
-  if (dev < 64 && !configured[dev]) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
-    if (e != cudaSuccess) throw std::runtime_error(std::string("flashrt._kernels.skinny_gemm_partials: ") + cudaGetErrorString(e));
-    configured[dev] = true;
+  int limit = dev < 64 ? optin[dev] : 0;
+  if (limit == 0) {
+    cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+    if (e != cudaSuccess)
+      throw std::runtime_error(std::string("flashrt._kernels.skinny_gemm_partials: ") + cudaGetErrorString(e));
+    if (dev < 64) optin[dev] = limit;
   }
+  require(smem <= (size_t)limit, "skinny_gemm_partials",
+          "k / splits too large for this GPU's shared memory: use more splits or ksplit 1");
   launch("skinny_gemm_partials", kernel, dim3(n / (WF * 16), splits), 32 * WF * KSPLIT, smem, stream,
          static_cast<const __nv_bfloat16*>(x), x_stride, static_cast<const unsigned char*>(wt), k, n, rows, ks, part);
 }

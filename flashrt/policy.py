@@ -115,8 +115,7 @@ class Policy:
         with torch.inference_mode():
             model = PiModel(dims, lambda k: source.get(k, self.device), self.device, dtype,
                             ops.for_platform(plat), horizon, config.num_steps)
-            # The expert's o and down on csrc/skinny_gemm.cu (fp8/int8 replace these weights instead).
-            if plat.skinny_gemm and plat.native_kernels and precision == "bf16":
+            if precision == "bf16":  # (fp8/int8 quantize these weights instead)
                 gemma.tile_skinny(model.ops, model.expert, horizon)
             model.state_norm[:, : config.state_dim] = torch.from_numpy(norm.state.rows())
             model.action_unnorm[:, : config.action_dim] = torch.from_numpy(norm.actions.rows())

@@ -78,27 +78,50 @@ def streamed(w) -> Tensor:
     return w.q if isinstance(w, QuantWeight) else w.weight
 
 
+# w [n, k] as (n / 16 wf, wf, 2, 8, k / 16, 2, 4, 2) = (tile, warp, row half, row, k step, k half, lane
+# column, pair), reordered so that per tile and k step each warp's 16 x 16 piece is in mma.sync
+# A-fragment order (lane = row * 4 + column, its 8 values contiguous): one CTA's slice of the
+# skinny GEMM is then one contiguous block (csrc/skinny_gemm.cu).
+_SKINNY_ORDER = (0, 4, 1, 3, 6, 5, 2, 7)
+
+
+def tile_skinny_weight(w: Tensor, wf: int) -> Tensor:
+    """w [n, k] laid out for the skinny GEMM with 16 wf output features per CTA (once, at load)."""
+    n, k = w.shape
+    if n % (16 * wf) or k % 16:
+        raise ValueError(f"tile_skinny_weight: a [{n}, {k}] weight does not tile by {16 * wf} x 16")
+    return w.view(n // (16 * wf), wf, 2, 8, k // 16, 2, 4, 2).permute(*_SKINNY_ORDER).contiguous()
+
+
+def untile_skinny_weight(tiled: Tensor) -> Tensor:
+    """The [n, k] weight back from tile_skinny_weight's layout (a view-and-copy, for the torch ops)."""
+    t, ks, wf = tiled.shape[:3]
+    inverse = [_SKINNY_ORDER.index(d) for d in range(8)]
+    return tiled.permute(*inverse).reshape(t * wf * 16, ks * 16)
+
+
 @dataclass(eq=False)
 class SkinnyWeight:
     """A bf16 weight of the action expert tiled at load for the split-K few-row GEMM
     (csrc/skinny_gemm.cu, Platform.skinny_gemm): `linear` returns its fp32 split-K partials
     [splits, rows, out], which the norm after it sums (ops.add_rms_norm / add_ada_rms_norm take
-    them as y). The untiled weight stays for the torch ops."""
+    them as y). Only the tiles are kept: the torch reference untiles them on each call."""
 
-    weight: Tensor  # [out, in], for the torch path
-    tiled: Tensor  # ops.tile_skinny_weight(weight, wf)
+    tiled: Tensor  # tile_skinny_weight(weight, wf)
     splits: int
-    wf: int
     ksplit: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        t, ks, wf = self.tiled.shape[:3]
+        return t * wf * 16, ks * 16
 
     def __call__(self, x: Tensor, b: Tensor | None = None, ops=None) -> Tensor:
         assert b is None, "skinny weights have no bias"
-        if hasattr(ops, "skinny_gemm_partials") and hasattr(ops, "tile_skinny_weight"):
-            n = self.weight.shape[0]
-            return ops.skinny_gemm_partials(x, self.tiled, n, self.splits, self.wf, self.ksplit)
-        from .ops import torch_ops
-
-        return torch_ops.skinny_gemm_partials(x, self.weight, self.splits)
+        if not hasattr(ops, "skinny_gemm_partials"):  # ops without the kernel: the torch reference
+            from .ops import torch_ops as ops
+        wf = self.tiled.shape[2]
+        return ops.skinny_gemm_partials(x, self.tiled, self.shape[0], self.splits, wf, self.ksplit)
 
 
 def fp8_input(w) -> Tensor | None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashrt import preprocess
+from flashrt import preprocess, quant
 from flashrt.ops import native, torch_ops
 
 pytestmark = pytest.mark.gpu
@@ -496,8 +496,9 @@ def test_skinny_gemm_partials(gpu_and_poison, shape, config, rows):
     (k, n), (splits, wf, ksplit) = shape, config
     x = randn(rows, k, dtype=torch.bfloat16)
     w = randn(n, k, dtype=torch.bfloat16, scale=0.03)
-    got = native.skinny_gemm_partials(x, native.tile_skinny_weight(w, wf), n, splits, wf, ksplit)
-    ref = torch_ops.skinny_gemm_partials(x, w, splits)
+    wt = quant.tile_skinny_weight(w, wf)
+    got = native.skinny_gemm_partials(x, wt, n, splits, wf, ksplit)
+    ref = torch_ops.skinny_gemm_partials(x, wt, n, splits, wf, ksplit)
     ks = k // splits
     exact = torch.stack([x[:, s * ks:(s + 1) * ks].double() @ w[:, s * ks:(s + 1) * ks].double().T
                          for s in range(splits)])
@@ -529,18 +530,18 @@ def test_norm_sums_split_k_partials(gpu_and_poison, gated):
 
 def test_skinny_gemm_partials_refuses_what_it_cannot_run(gpu_and_poison):
     x = randn(50, 1024, dtype=torch.bfloat16)
-    wt = native.tile_skinny_weight(randn(1024, 1024, dtype=torch.bfloat16), 4)
+    wt = quant.tile_skinny_weight(randn(1024, 1024, dtype=torch.bfloat16), 4)
     with pytest.raises(ValueError, match="multiple of 64"):
         native.skinny_gemm_partials(x, wt, 1024, 3, 4, 1)  # 1024 / 3 is not whole chunks
     with pytest.raises(ValueError, match="at most 1024"):
-        wide = native.tile_skinny_weight(randn(1024, 4096, dtype=torch.bfloat16), 4)
+        wide = quant.tile_skinny_weight(randn(1024, 4096, dtype=torch.bfloat16), 4)
         native.skinny_gemm_partials(randn(50, 4096, dtype=torch.bfloat16), wide, 1024, 1, 4, 1)
     with pytest.raises(ValueError, match="rows"):
         native.skinny_gemm_partials(randn(57, 1024, dtype=torch.bfloat16), wt, 1024, 4, 4, 1)
     with pytest.raises(ValueError, match="bf16"):
         native.skinny_gemm_partials(x.half(), wt, 1024, 4, 4, 1)
     with pytest.raises(ValueError, match="does not tile"):
-        native.tile_skinny_weight(randn(100, 1024, dtype=torch.bfloat16), 4)
+        quant.tile_skinny_weight(randn(100, 1024, dtype=torch.bfloat16), 4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -193,3 +193,28 @@ def test_changed_checkpoint_invalidates_the_cache(tiny):
     os.utime(weights, (st.st_atime, st.st_mtime + 10))
     second = flashrt.load({**tiny, "precision": "fp8"}).spec.calibration
     assert second["key"] != first["key"] and not second["cached"]
+
+
+def test_skinny_weight_layout_and_torch_path():
+    """The skinny GEMM's tiling is a pure re-layout (untiling gives the weight back), each lane's
+    fragment holds what mma.sync expects, and a SkinnyWeight run by ops without the kernel returns
+    split-K partials that sum to x @ w.T."""
+    from flashrt.ops import torch_ops
+
+    w = torch.randn(128, 256, dtype=torch.bfloat16)
+    t = quant.tile_skinny_weight(w, 4)
+    assert torch.equal(quant.untile_skinny_weight(t), w)
+    # tile 0, k step 0, warp 1 (features 16..31), lane g = 3, c = 2: a0 = w[16 + g, 2c:2c+2],
+    # a1 = w[16 + g + 8, 2c:2c+2], a2 and a3 the same at k + 8
+    f = t[0, 0, 1, 3, 2]
+    assert torch.equal(f.flatten(), torch.stack([w[19, 4], w[19, 5], w[27, 4], w[27, 5],
+                                                 w[19, 12], w[19, 13], w[27, 12], w[27, 13]]))
+    sw = quant.SkinnyWeight(t, splits=4, ksplit=2)
+    assert sw.shape == (128, 256)
+    x = torch.randn(50, 256, dtype=torch.bfloat16)
+    part = quant.linear(x, sw, ops=torch_ops)
+    assert part.shape == (4, 50, 128) and part.dtype == torch.float32
+    torch.testing.assert_close(part.sum(0), x.float() @ w.float().T, rtol=1e-5, atol=1e-4)
+    assert quant.streamed(sw) is t
+    with pytest.raises(ValueError, match="does not tile"):
+        quant.tile_skinny_weight(torch.zeros(100, 256, dtype=torch.bfloat16), 4)

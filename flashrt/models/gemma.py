@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..quant import SkinnyWeight, fp8_input, linear, streamed
+from ..quant import SkinnyWeight, fp8_input, linear, streamed, tile_skinny_weight
 
 from .layout import GemmaDims
 
@@ -41,23 +41,23 @@ SKINNY_MAX_ROWS = 56  # csrc/skinny_gemm.cu: 7 n8 tiles
 
 def tile_skinny(ops, layers: list[GemmaLayer], rows: int, splits: int = 8, wf: int = 4,
                 ksplit: int = 2) -> None:
-    """The expert's o and down projections as SkinnyWeights (Platform.skinny_gemm, bf16): their GEMMs
-    leave split-K partials that the residual norms after them sum (csrc/README.md, "Skinny GEMM").
-    Both have 1024 outputs, so a split of their inputs is what fills the GPU; qkv and gate_up stay on
-    cuBLAS until their consumers (rope, GeGLU) take partials too."""
+    """The expert's o and down projections as SkinnyWeights where `ops` has the kernel
+    (Platform.skinny_gemm): their GEMMs leave split-K partials that the residual norms after them sum
+    (csrc/README.md, "Skinny GEMM"). Both have 1024 outputs, so a split of their inputs is what fills
+    the GPU. qkv and gate_up stay on cuBLAS (rope takes no partials; gate_up through it was slower)."""
     def fits(w: Tensor) -> bool:  # the kernel's shapes (a model of other sizes keeps cuBLAS)
         n, k = w.shape
         ks = k // splits
         return (w.dtype == torch.bfloat16 and n % (16 * wf) == 0 and k % splits == 0 and ks % 64 == 0
                 and 64 * ksplit <= ks <= 1024)
 
-    if rows > SKINNY_MAX_ROWS:
+    if not hasattr(ops, "skinny_gemm_partials") or rows > SKINNY_MAX_ROWS:
         return
     for L in layers:
         for name in ("o", "down"):
             w = getattr(L, name)
             if fits(w):
-                setattr(L, name, SkinnyWeight(w, ops.tile_skinny_weight(w, wf), splits, wf, ksplit))
+                setattr(L, name, SkinnyWeight(tile_skinny_weight(w, wf), splits, ksplit))
 
 
 def load_layers(dims: GemmaDims, prefix: str, get: Callable[[str], Tensor], cast: Callable[[Tensor], Tensor],

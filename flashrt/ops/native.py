@@ -259,24 +259,14 @@ def linear_accumulate(acc: Tensor, x: Tensor, w: Tensor, b: Tensor) -> None:
 # Split-K GEMM for the action expert's few rows (csrc/skinny_gemm.cu; Platform.skinny_gemm)
 
 
-def tile_skinny_weight(w: Tensor, wf: int) -> Tensor:
-    """w [n, k] laid out for skinny_gemm_partials, once at load: per block of 16 wf output features,
-    per 16 inputs, each 16 x 16 piece in mma.sync A-fragment order (a lane's 8 values contiguous), so
-    one CTA's slice is one contiguous block."""
-    n, k = w.shape
-    if n % (16 * wf) or k % 16:
-        raise ValueError(f"tile_skinny_weight: a [{n}, {k}] weight does not tile by {16 * wf} x 16")
-    return w.view(n // (16 * wf), wf, 2, 8, k // 16, 2, 4, 2).permute(0, 4, 1, 3, 6, 5, 2, 7).contiguous()
-
-
 def skinny_gemm_partials(x: Tensor, wt: Tensor, n: int, splits: int, wf: int, ksplit: int) -> Tensor:
-    """The split-K partials [splits, rows, n] (fp32) of x @ w.T, wt = tile_skinny_weight(w, wf); as
-    torch_ops.skinny_gemm_partials(x, w, splits). The kernel's own checks raise ValueError."""
+    """The split-K partials [splits, rows, n] (fp32) of x @ w.T, wt = quant.tile_skinny_weight(w, wf), as
+    torch_ops.skinny_gemm_partials. The kernel's own checks raise ValueError."""
     rows, k = x.shape
     if not (_rows_ok(x, torch.bfloat16) and wt.is_contiguous() and wt.numel() == n * k and wt.dtype == x.dtype
             and wt.device == x.device):
         raise ValueError("skinny_gemm_partials: x must be bf16 [rows, k] on the GPU with 16-byte aligned "
-                         "rows, wt the contiguous tile_skinny_weight of a [n, k] weight on the same device")
+                         "rows, wt the contiguous quant.tile_skinny_weight of a [n, k] weight on its device")
     part = _empty((splits, rows, n), torch.float32, x.device)
     _kernels.skinny_gemm_partials(_CODES[x.dtype], x.data_ptr(), x.stride(0), wt.data_ptr(), rows, k, n,
                                   splits, wf, ksplit, part.data_ptr(), _stream(x))
@@ -464,7 +454,7 @@ def native_ops(platform) -> dict:
     if getattr(platform, "l2_prefetch", False):
         ops["prefetch_l2"] = prefetch_l2
     if getattr(platform, "skinny_gemm", False):
-        ops.update(skinny_gemm_partials=skinny_gemm_partials, tile_skinny_weight=tile_skinny_weight)
+        ops["skinny_gemm_partials"] = skinny_gemm_partials
     if rows > 0:
         ops["attention_flash_varlen"] = make_attention_flash_varlen(rows)
         ops["attention_sdpa"] = make_attention_sdpa(rows)

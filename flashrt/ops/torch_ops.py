@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..quant import INT_MM_MIN_ROWS, quantize_fp8, quantize_per_token
+from ..quant import INT_MM_MIN_ROWS, quantize_fp8, quantize_per_token, untile_skinny_weight
 
 
 def _out(y: Tensor, quant: Tensor | None) -> Tensor:
@@ -149,13 +149,14 @@ def linear_accumulate(acc: Tensor, x: Tensor, w: Tensor, b: Tensor) -> None:
     acc.add_(F.linear(x, w, b))
 
 
-def skinny_gemm_partials(x: Tensor, w: Tensor, splits: int) -> Tensor:
-    """The split-K partials of x @ w.T in fp32: out[s] = x[:, ks s : ks (s + 1)] @ w[:, same].T,
-    ks = k / splits."""
+def skinny_gemm_partials(x: Tensor, wt: Tensor, n: int, splits: int, wf: int, ksplit: int) -> Tensor:
+    """The split-K partials of x @ w.T in fp32, w given as quant.tile_skinny_weight(w, wf):
+    out[s] = x[:, ks s : ks (s + 1)] @ w[:, same].T, ks = k / splits. (ksplit only shapes the kernel.)"""
     rows, k = x.shape
     ks = k // splits
+    w = untile_skinny_weight(wt)
     return torch.bmm(x.float().view(rows, splits, ks).transpose(0, 1),
-                     w.float().view(-1, splits, ks).permute(1, 2, 0))
+                     w.float().view(n, splits, ks).permute(1, 2, 0))
 
 
 def attention_mha(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

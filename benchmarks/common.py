@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -127,38 +126,3 @@ def lerobot_inputs(kind: str, images_u8: list[np.ndarray], tokens: np.ndarray, m
     if state is not None:
         st[0, : len(state)] = torch.from_numpy(state)
     return dict(images=imgs, img_masks=masks, lang_tokens=tok, lang_masks=tmask, state=st)
-
-
-# ---------------------------------------------------------------------------------------------
-# A/B of one platform flag on the same model (benchmarks/l2_prefetch.py, benchmarks/skinny_gemm.py)
-
-
-@contextmanager
-def platform_entry(table: set, on: bool):
-    """Policies loaded inside see this GPU in one of flashrt.hardware's per-platform tables (e.g.
-    hardware._L2_PREFETCH) or not, whatever the table says; it is restored after."""
-    from flashrt import hardware
-
-    saved = set(table)
-    table.clear()
-    if on:
-        table.add(hardware.detect().name)
-    hardware.detect.cache_clear()
-    try:
-        yield
-    finally:
-        table.clear()
-        table.update(saved)
-        hardware.detect.cache_clear()
-
-
-def replay_ab(policies: dict, obs: dict, rounds: int, prompt_tokens: int = 48) -> dict:
-    """Graph replay p50 of {"off": policy, "on": policy} in interleaved rounds, so drift hits both."""
-    bucket = next(b for b in policies["off"].buckets if b >= prompt_tokens)
-    times: dict = {k: [] for k in policies}
-    for _ in range(rounds):
-        for k, p in policies.items():
-            p.infer(obs)
-            times[k].append(cuda_timed(lambda p=p: p.engine.run(bucket), 10, 100)["p50"])
-    off, on = float(np.median(times["off"])), float(np.median(times["on"]))
-    return {"replay_p50_ms_rounds": times, "off_ms": off, "on_ms": on, "gain_ms": off - on}

@@ -96,12 +96,12 @@ _NATIVE_ATTENTION_ROWS: dict[str, int] = {
 
 
 # Where prefetching the expert's weights into L2 was measured to pay (benchmarks/platform_ab.py
-# l2_prefetch; H100: -0.52 ms bf16 with the skinny GEMM, -0.29 ms FP8 for Pi0.5). Elsewhere it stays
+# l2_prefetch; H100: -0.55 ms bf16 with the skinny GEMM, -0.36 ms FP8 for Pi0.5). Elsewhere it stays
 # off until measured: Orin's 4 MB L2 cannot hold one projection.
 _L2_PREFETCH = {"hopper"}
 
 # Where the expert's o and down through csrc/skinny_gemm.cu were measured to pay (benchmarks/platform_ab.py
-# skinny_gemm, H100 bf16: Pi0.5 2 cams 14.50 -> 14.01 ms, Pi0 3 cams 17.73 -> 17.41 ms).
+# skinny_gemm, H100 bf16: Pi0.5 2 cams 14.40 -> 13.95 ms, Pi0 3 cams 17.66 -> 17.39 ms).
 # Its CTAs hold up to ~120 KB of shared memory (down's); elsewhere it stays off until measured.
 _SKINNY_GEMM = {"hopper"}
 

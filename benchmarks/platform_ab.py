@@ -7,8 +7,8 @@ FLAG is one of FLAGS below: l2_prefetch (the expert's weights prefetched into L2
 (the expert's o and down through csrc/skinny_gemm.cu, bf16). Per case (10 steps, chunk 50, 48-token
 prompt): graph replay p50 in interleaved rounds, and how the two action chunks for the same
 observation and noise compare: bit-identical where the flag changes no arithmetic (the prefetch),
-else by their cosine (a different summation order). An FP8 policy with the flag on reuses the calibration the first one made,
-so both run the same scales.
+else by their cosine (a different summation order). An FP8 policy with the flag on reuses the
+calibration the first one made, so both run the same scales.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@
 #include "common.cuh"
 #include "kernels.h"
 
+#include <type_traits>
+
 namespace flashrt {
 namespace {
 
@@ -158,28 +160,31 @@ void norm_t(void* x, int64_t x_stride, const void* y, int64_t y_stride, int y_sp
   auto B = static_cast<const T*>(shift);
   auto O = static_cast<T*>(out);
   const bool affine = scale != nullptr;
+  // One launch per template combination; the arguments are the same for all of them.
+  auto go = [&](auto res, auto ln, auto aff) {
+    launch_norm<T, decltype(res)::value, decltype(ln)::value, decltype(aff)::value>(
+        X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale,
+        stream);
+  };
+  using None = std::integral_constant<int, kResNone>;
+  using Add = std::integral_constant<int, kResAdd>;
+  using Gated = std::integral_constant<int, kResGated>;
+  using Yes = std::true_type;
+  using No = std::false_type;
   // The six combinations the models use (flashrt/ops/torch_ops.py):
   if (layer_norm) {
     require(affine, "norm", "layer_norm needs weight and bias");
     require(residual != kResGated, "norm", "gated residual is not used with layer_norm");
-    if (residual == kResNone)
-      launch_norm<T, kResNone, true, true>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
-    else
-      launch_norm<T, kResAdd, true, true>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
+    if (residual == kResNone) go(None{}, Yes{}, Yes{});
+    else go(Add{}, Yes{}, Yes{});
   } else if (affine) {  // adaRMSNorm
-    if (residual == kResNone)
-      launch_norm<T, kResNone, false, true>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
-    else if (residual == kResGated)
-      launch_norm<T, kResGated, false, true>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
-    else
-      require(false, "norm", "adaRMSNorm takes the gated residual");
+    require(residual != kResAdd, "norm", "adaRMSNorm takes the gated residual");
+    if (residual == kResNone) go(None{}, No{}, Yes{});
+    else go(Gated{}, No{}, Yes{});
   } else {  // plain RMSNorm, (1 + w) folded into the next projection
-    if (residual == kResNone)
-      launch_norm<T, kResNone, false, false>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
-    else if (residual == kResAdd)
-      launch_norm<T, kResAdd, false, false>(X, x_stride, Y, y_stride, YP, y_splits, y_split_stride, G, S, B, O, out_stride, rows, width, eps, inv_scale, stream);
-    else
-      require(false, "norm", "RMSNorm takes the plain residual");
+    require(residual != kResGated, "norm", "RMSNorm takes the plain residual");
+    if (residual == kResNone) go(None{}, No{}, No{});
+    else go(Add{}, No{}, No{});
   }
 }
 
@@ -192,15 +197,19 @@ void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride,
           "split-K partials (y_splits > 0) need a residual mode and 16-byte aligned rows");
   const int vec = dtype == kFloat32 ? 4 : 8;
   require(width > 0 && width % vec == 0 && width / vec <= 4096, "norm", "width must be a positive multiple of 16 bytes, at most 4096 vectors");
+  require(residual == kResNone || residual == kResAdd || residual == kResGated, "norm", "unknown residual mode");
   require(residual != kResGated || gate != nullptr, "norm", "gated residual needs gate");
   require((scale == nullptr) == (shift == nullptr), "norm", "scale and shift go together");
   require(inv_scale == nullptr || dtype != kFloat32, "norm", "FP8 output is for bf16/fp16 models");
   if (rows == 0) return;
-  auto s = static_cast<cudaStream_t>(stream);
+  auto run = [&](auto tag) {
+    norm_t<decltype(tag)>(x, x_stride, y, y_stride, y_splits, y_split_stride, gate, scale, shift, out, out_stride,
+                          rows, width, eps, residual, layer_norm, inv_scale, static_cast<cudaStream_t>(stream));
+  };
   switch (dtype) {
-    case kFloat32: norm_t<float>(x, x_stride, y, y_stride, y_splits, y_split_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
-    case kFloat16: norm_t<__half>(x, x_stride, y, y_stride, y_splits, y_split_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
-    case kBFloat16: norm_t<__nv_bfloat16>(x, x_stride, y, y_stride, y_splits, y_split_stride, gate, scale, shift, out, out_stride, rows, width, eps, residual, layer_norm, inv_scale, s); break;
+    case kFloat32: run(float{}); break;
+    case kFloat16: run(__half{}); break;
+    case kBFloat16: run(__nv_bfloat16{}); break;
     default: require(false, "norm", "unsupported dtype");
   }
 }

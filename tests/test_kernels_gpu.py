@@ -528,6 +528,28 @@ def test_norm_sums_split_k_partials(gpu_and_poison, gated):
         f"norm(partials): {rel(got, ref):.2e} from the torch op [seed {seed}]"
 
 
+def test_norm_refuses_combinations_it_has_no_kernel_for(gpu_and_poison):
+    """The raw entry point names the problem (ValueError) instead of launching a wrong variant."""
+    from flashrt import _kernels
+
+    x, y, out = (randn(4, 64, dtype=torch.bfloat16) for _ in range(3))
+    w = randn(64, dtype=torch.bfloat16)
+
+    def norm(residual, layer_norm, scale=None, gate=None, splits=0):
+        _kernels.norm(2, x.data_ptr(), 64, y.data_ptr(), 64, splits, 0, gate or 0, scale or 0, scale or 0,
+                      out.data_ptr(), 64, 4, 64, 1e-6, residual, layer_norm, 0, 0)
+
+    for args, message in [((2, True, w.data_ptr(), w.data_ptr()), "not used with layer_norm"),
+                          ((1, False, w.data_ptr()), "adaRMSNorm takes the gated residual"),
+                          ((2, False, None, w.data_ptr()), "RMSNorm takes the plain residual"),
+                          ((3, False), "unknown residual mode"),
+                          ((0, False, None, None, 2), "split-K partials")]:
+        with pytest.raises(ValueError, match=message):
+            norm(*args)
+    norm(1, False)  # the plain residual RMSNorm runs
+    torch.cuda.synchronize()
+
+
 def test_skinny_gemm_partials_refuses_what_it_cannot_run(gpu_and_poison):
     x = randn(50, 1024, dtype=torch.bfloat16)
     wt = quant.tile_skinny_weight(randn(1024, 1024, dtype=torch.bfloat16), 4)

@@ -130,6 +130,10 @@ def _add_norm(ops, x: Tensor, y: Tensor, mod: Modulation | None, gate_row: int, 
     return ops.add_ada_rms_norm(x, y, mod.gate[gate_row], mod.scale1p[j], mod.shift[j], EPS, quant)
 
 
+def _no_prefetch(weight) -> None:
+    pass
+
+
 def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: Tensor, sin: Tensor,
                k_cache: Tensor, v_cache: Tensor, slots: Tensor | None, window: KVWindow,
                mod: Modulation | None = None, kv_only: bool = False, span: range | None = None,
@@ -152,25 +156,23 @@ def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: T
     h = _norm(ops, x, mod, 2 * span.start, fp8_input(layers[span.start].qkv))
     last = len(layers) - 1
     with ops.prefetch_l2() as ahead:
+        if not prefetch:
+            ahead = _no_prefetch
         for i in span:
             L = layers[i]
-            if prefetch:
-                ahead(streamed(L.o))
+            ahead(streamed(L.o))
             qkv = linear(h, L.qkv, ops=ops)
             q = ops.rope_qkv(qkv, cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
             if kv_only and i == last:  # its K/V rows are written: an attention here would feed nothing
                 return None
             a = window.attend(ops, q, k_cache[i], v_cache[i], fp8_input(L.o))
-            if prefetch:
-                ahead(streamed(L.gate_up))
+            ahead(streamed(L.gate_up))
             o = linear(a, L.o, ops=ops)
             h = _add_norm(ops, x, o, mod, 2 * i, 2 * i + 1, fp8_input(L.gate_up))
-            if prefetch:
-                ahead(streamed(L.down))
+            ahead(streamed(L.down))
             gu = linear(h, L.gate_up, ops=ops)
             g = ops.gelu_tanh_mul(gu, fp8_input(L.down))
-            if prefetch:  # (the last layer's next QKV is the first layer's, for the next step)
-                ahead(streamed(layers[(i + 1) % len(layers)].qkv))
+            ahead(streamed(layers[(i + 1) % len(layers)].qkv))  # the last layer's: the next step's first
             d = linear(g, L.down, ops=ops)
             # The next layer's QKV reads this norm; the stack's last output (or a span's, which the
             # next span renormalizes) stays in the model dtype.

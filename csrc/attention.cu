@@ -25,9 +25,9 @@
 
 #include "common.cuh"
 #include "kernels.h"
+#include "mma.cuh"
 
 #include <cfloat>
-#include <type_traits>
 
 namespace flashrt {
 namespace {
@@ -43,46 +43,6 @@ template <int W> constexpr int smem_bytes() { return (16 * W + 4 * kBN) * kD * 2
 // chunk index are XORed with the row, so the 8 rows an ldmatrix phase reads hit 8 different
 // 4-bank groups.
 __device__ __forceinline__ int swz(int r, int c) { return r * kChunks + (c ^ (r & 7)); }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int n = valid ? 16 : 0;  // src-size 0: nothing is read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* smem) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-
-// One mma.sync m16n8k16 with fp32 accumulation (bf16 or fp16 inputs: only the PTX type differs),
-// and two floats rounded to T packed into one operand register.
-template <typename T> struct Mma {
-  static __device__ __forceinline__ void run(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16>)
-      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-      asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                   : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-    union { T e[2]; unsigned u; } v;
-    v.e[0] = from_f<T>(lo);
-    v.e[1] = from_f<T>(hi);
-    return v.u;
-  }
-};
 
 // Number of valid keys and of valid query rows, read on the device (one graph serves any length).
 __device__ __forceinline__ int valid_keys(const int32_t* cu_k, int n_keys) {
@@ -355,15 +315,8 @@ void launch_attention(const void* q, int64_t q_stride, const void* k, int64_t k_
                       const float* inv_scale, cudaStream_t stream) {
   constexpr int kBM = 16 * W, kSmemBytes = smem_bytes<W>();
   auto kernel = attention_partial_kernel<T, W>;
-  // The dynamic shared-memory opt-in is per device; set it once for each.
-  static bool configured[64] = {};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 64 && !configured[dev]) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (e != cudaSuccess) throw std::runtime_error(std::string("flashrt._kernels.attention_decode: ") + cudaGetErrorString(e));
-    configured[dev] = true;
-  }
+  require(kSmemBytes <= smem_optin<attention_partial_kernel<T, W>>("attention_decode"), "attention_decode",
+          "this GPU's shared memory per block is too small for the kernel");
   dim3 grid((rows + kBM - 1) / kBM, splits);
   launch("attention_decode (partial)", kernel, grid, 32 * W, kSmemBytes, stream,
       static_cast<const T*>(q), q_stride, static_cast<const T*>(k), k_stride, static_cast<const T*>(v), v_stride,

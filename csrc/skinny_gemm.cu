@@ -20,6 +20,7 @@
 
 #include "common.cuh"
 #include "kernels.h"
+#include "mma.cuh"
 
 namespace flashrt {
 namespace {
@@ -28,12 +29,6 @@ constexpr int kChunk = 64;       // k per chunk
 constexpr int kMaxChunks = 16;   // k / splits <= 1024
 constexpr int kRows = 56;        // 7 n8 tiles
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
-}
 __device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
   asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
 }
@@ -51,20 +46,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned phase) {
       "}\n" ::"r"(smem_addr(bar)),
       "r"(phase)
       : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x2(unsigned (&r)[2], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint4& a, unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
 }
 
 // Shared memory: [weights (KS x 32 WF bytes), reused for staging] [x rows] [one mbarrier per chunk].
@@ -99,7 +80,7 @@ skinny_gemm_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const 
   // 1. this CTA's weights: one contiguous block
   const unsigned char* wsrc = wt + ((int64_t)tile * (K / 16) + (int64_t)split * (KS / 16)) * (WF * 512);
   for (int i = tid; i < KS * BN * 2 / 16; i += NTH) cp_async16(ws + i * 16, wsrc + i * 16);
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
+  cp_async_commit();
 
   pdl_wait();
   // 2. x chunk by chunk (left uncommitted: the wait_group below covers the weights only)
@@ -112,7 +93,7 @@ skinny_gemm_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const 
     }
     mbar_arrive_on_copies(&xbar[c]);
   }
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  cp_async_wait<0>();
   __syncthreads();  // every thread's weight pieces have landed
 
   float acc[7][4];
@@ -124,7 +105,8 @@ skinny_gemm_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const 
 #pragma unroll
     for (int s = 0; s < kChunk / 16; ++s) {
       const int ks = c * (kChunk / 16) + s;
-      const uint4 a = *reinterpret_cast<const uint4*>(ws + ((ks * WF + fw) * 32 + lane) * 16);
+      unsigned a[4];  // this lane's A fragment: one 16-byte shared load
+      *reinterpret_cast<uint4*>(a) = *reinterpret_cast<const uint4*>(ws + ((ks * WF + fw) * 32 + lane) * 16);
       // B = x^T: matrices (n-tile j, k 0-7), (j, k 8-15), (j + 1, k 0-7), (j + 1, k 8-15); rows past M
       // read row M - 1, whose products land only in output rows that are never stored.
 #pragma unroll
@@ -132,13 +114,13 @@ skinny_gemm_kernel(const __nv_bfloat16* __restrict__ x, int64_t x_stride, const 
         const int n = min((2 * jp + (m >> 1)) * 8 + r8, M - 1);
         unsigned b[4];
         ldmatrix_x4(b, xs + n * xrow + (ks * 16 + (m & 1) * 8) * 2);
-        mma_bf16(acc[2 * jp], a, b[0], b[1]);
-        mma_bf16(acc[2 * jp + 1], a, b[2], b[3]);
+        Mma<__nv_bfloat16>::run(acc[2 * jp], a, b[0], b[1]);
+        Mma<__nv_bfloat16>::run(acc[2 * jp + 1], a, b[2], b[3]);
       }
       const int n = min(48 + r8, M - 1);
       unsigned b[2];
       ldmatrix_x2(b, xs + n * xrow + (ks * 16 + (m & 1) * 8) * 2);
-      mma_bf16(acc[6], a, b[0], b[1]);
+      Mma<__nv_bfloat16>::run(acc[6], a, b[0], b[1]);
     }
   }
 
@@ -173,18 +155,7 @@ void launch_skinny(const void* x, int64_t x_stride, const void* wt, int rows, in
   const int ks = k / splits;
   const size_t smem = smem_bytes(WF, KSPLIT, ks, rows);
   auto kernel = skinny_gemm_kernel<WF, KSPLIT>;
-  static int optin[64] = {};  // per device: the shared-memory opt-in, set on the kernel at its first launch
-  int dev = 0;
-  cudaGetDevice(&dev);
-  int limit = dev < 64 ? optin[dev] : 0;
-  if (limit == 0) {
-    cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
-    if (e != cudaSuccess)
-      throw std::runtime_error(std::string("flashrt._kernels.skinny_gemm_partials: ") + cudaGetErrorString(e));
-    if (dev < 64) optin[dev] = limit;
-  }
-  require(smem <= (size_t)limit, "skinny_gemm_partials",
+  require(smem <= smem_optin<skinny_gemm_kernel<WF, KSPLIT>>("skinny_gemm_partials"), "skinny_gemm_partials",
           "k / splits too large for this GPU's shared memory: use more splits or ksplit 1");
   launch("skinny_gemm_partials", kernel, dim3(n / (WF * 16), splits), 32 * WF * KSPLIT, smem, stream,
          static_cast<const __nv_bfloat16*>(x), x_stride, static_cast<const unsigned char*>(wt), k, n, rows, ks, part);

@@ -110,7 +110,7 @@ def _view(data: Any, dt: np.dtype, shape: Any, offset: int = 0, order: str = "C"
         raise ProtocolError(BAD_INPUT, f"array data must be msgpack bin bytes, got {type(data).__name__}")
     if (type(shape) is list or type(shape) is tuple) and len(shape) <= MAX_NDIM:
         try:
-            if min(shape, default=0) >= 0:  # first: numpy would infer a dimension given as -1
+            if -1 not in shape:  # first: numpy 1.x infers a 1-D shape [-1]; other negatives raise
                 arr = np.ndarray(shape, dt, data, offset, None, order)
                 if arr.nbytes == size:
                     return arr

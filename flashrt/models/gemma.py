@@ -12,6 +12,7 @@ gate/up fused; Gemma's RMSNorm `(1 + w)` folded into the projection that follows
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,7 +45,7 @@ def tile_skinny(ops, layers: list[GemmaLayer], rows: int, splits: int = 8, wf: i
     """The expert's o and down projections as SkinnyWeights where `ops` has the kernel
     (Platform.skinny_gemm): their GEMMs leave split-K partials that the residual norms after them sum
     (csrc/README.md, "Skinny GEMM"). Both have 1024 outputs, so a split of their inputs is what fills
-    the GPU. qkv and gate_up stay on cuBLAS (rope takes no partials; gate_up through it was slower)."""
+    the GPU. qkv and gate_up stay on cuBLAS: through it, each made the model slower."""
     def fits(w: Tensor) -> bool:  # the kernel's shapes (a model of other sizes keeps cuBLAS)
         n, k = w.shape
         ks = k // splits
@@ -130,7 +131,7 @@ def _add_norm(ops, x: Tensor, y: Tensor, mod: Modulation | None, gate_row: int, 
     return ops.add_ada_rms_norm(x, y, mod.gate[gate_row], mod.scale1p[j], mod.shift[j], EPS, quant)
 
 
-def _no_prefetch(weight) -> None:
+def _no_prefetch(weight) -> None:  # what run_layers calls for each weight when it does not prefetch
     pass
 
 
@@ -155,9 +156,7 @@ def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: T
     span = span if span is not None else range(len(layers))
     h = _norm(ops, x, mod, 2 * span.start, fp8_input(layers[span.start].qkv))
     last = len(layers) - 1
-    with ops.prefetch_l2() as ahead:
-        if not prefetch:
-            ahead = _no_prefetch
+    with ops.prefetch_l2() if prefetch else nullcontext(_no_prefetch) as ahead:
         for i in span:
             L = layers[i]
             ahead(streamed(L.o))

@@ -3,8 +3,10 @@ array encodings, concurrent clients, and every kind of bad input getting an erro
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import msgpack
 import numpy as np
@@ -168,6 +170,46 @@ def test_a_failing_model_call_is_an_internal_error_reply(served):
             c.infer({**observation(), "prompt": "crash"})
         assert e.value.code == "internal" and "ZeroDivisionError" in e.value.message
         assert c.infer(observation())["actions"].shape == (10, 7)
+
+
+class InferOnly:
+    """A loader's own policy with `infer` and no `prepare`, served through executor.WholePolicy; it
+    keeps a weak reference to each observation's first image."""
+
+    def __init__(self, policy):
+        self.policy, self.spec, self.seen = policy, policy.spec, []
+
+    def infer(self, obs: dict) -> dict:
+        self.seen.append(weakref.ref(obs["images"]["base_0_rgb"]))
+        return self.policy.infer(obs)
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+
+def test_a_request_is_freed_when_answered():
+    """A request's arrays (views over its frames) go by reference counting once it is answered, not
+    by Python's cycle collector later (executor._Whole says why that matters): with the collector
+    off, each one must be gone soon after its reply."""
+    policies: list[InferOnly] = []
+
+    def loader(config):
+        policies.append(InferOnly(FakeLoader()(config)))
+        return policies[-1]
+
+    gc.collect()
+    gc.disable()
+    try:
+        with Server(deployment(), loader=loader) as server, PolicyClient(server.bound[0]) as c:
+            for i in range(3):
+                c.infer(observation(i))
+                image = policies[-1].seen[-1]
+                deadline = time.monotonic() + 5.0
+                while image() is not None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert image() is None, f"request {i}'s image is still alive after its reply"
+    finally:
+        gc.enable()
 
 
 def test_oversized_messages(tmp_path):

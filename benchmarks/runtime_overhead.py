@@ -13,7 +13,9 @@ each a ROUTER on tcp://127.0.0.1, one client sending sequentially over a REQ soc
 each with the arrays inline in the msgpack body and with the images as extra frames that the server
 reads in place (what runtime.client sends by default). Then `client`: the same through runtime.client.PolicyClient, so
 the client's own encoding and decoding are in it too. The runtime's own share per request (decode,
-validation, dispatch, encode) comes from the server's stats (total - infer, per request).
+validation, dispatch, encode) comes from the server's stats (total - infer, per request). Each
+server's CPU time and minor page faults per request (from /proc) are noise-free where the round
+trips are not: a server that keeps freed buffers around, say, shows up in its page faults.
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ class Child:
         self.endpoint = self.proc.stdout.readline().decode().strip()
         self.proc.stdin.write(stdin)
         self.proc.stdin.flush()
+
+    def usage(self) -> tuple[float, int]:
+        """(CPU seconds, minor page faults) of the process so far (Linux's /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
 
     def close(self) -> None:
         self.proc.stdin.close()  # the runtime stops cleanly; the bare servers are simply killed
@@ -204,11 +211,20 @@ def run_pass(layouts: dict, obs: dict, args) -> dict:
 def measure(out: dict, layout: str, frames: list, obs: dict, runtime: Child, bare: dict, args) -> None:
     # Interleave the cases in rounds so that machine noise hits them alike.
     samples: dict[str, list[float]] = {"echo": [], "floor": [], "runtime": []}
+    servers = {"echo": bare["echo"], "floor": bare["floor"], "runtime": runtime}
+    used = {name: [0.0, 0] for name in servers}  # the server's CPU seconds and minor page faults
     rounds = 5
     for _ in range(rounds):
-        for name, endpoint in (("echo", bare["echo"].endpoint), ("floor", bare["floor"].endpoint),
-                               ("runtime", runtime.endpoint)):
-            samples[name] += time_raw(endpoint, frames, args.n // rounds, args.warmup // rounds)
+        for name, server in servers.items():
+            before = server.usage()
+            samples[name] += time_raw(server.endpoint, frames, args.n // rounds, args.warmup // rounds)
+            after = server.usage()
+            used[name][0] += after[0] - before[0]
+            used[name][1] += after[1] - before[1]
+    sent = rounds * (args.n // rounds + args.warmup // rounds)
+    out.setdefault("server_per_request", {}).update({
+        f"{name}/{layout}": {"cpu_us": round(cpu / sent * 1e6, 1), "minor_faults": round(faults / sent, 2)}
+        for name, (cpu, faults) in used.items()})
     with PolicyClient(runtime.endpoint) as c:  # the server's stats window holds exactly the timed requests
         stats = c.stats()["models"]["instant"]
     for name, ms in samples.items():
@@ -240,6 +256,9 @@ def summarize(passes: list[dict], layouts: dict, args) -> dict:
             "runtime_share_p50_ms": share,
             "runtime_share_breakdown_p50_ms": {m: median(lambda p, m=m: p["runtime_share_ms"][layout][m]["p50"])
                                                for m in ("decode", "queue", "encode", "infer")},
+            "server_per_request": {
+                name: {m: median(lambda p, n=name, m=m: p["server_per_request"][f"{n}/{layout}"][m])
+                       for m in ("cpu_us", "minor_faults")} for name in ("runtime", "floor")},
             "per_pass": {"runtime_round_trip_p50_ms": [p["cases"][f"runtime/{layout}"]["p50"] for p in passes],
                          "runtime_share_p50_ms": [p["runtime_share_ms"][layout]["overhead"]["p50"] for p in passes]},
             "meets_targets": fig["runtime"]["p50"] <= targets["round_trip_p50_ms"]

@@ -103,8 +103,9 @@ class WholeJob:
 class _Whole:
     """The job's one segment. It keeps the output itself: a reference back to its job would be a
     cycle, and the request (its frames: images read in place) would then live on until Python's
-    cycle collector ran, freeing ~17 requests' buffers at once. That churn cost every request ~60 us
-    on the 2-core VM (benchmarks/runtime_overhead.py); test_a_request_is_freed_when_answered."""
+    cycle collector ran, freeing many requests' buffers at once. That churn cost 2-4 page faults
+    and 30-60 us of round trip per request on the 2-core VM (benchmarks/runtime_overhead.py);
+    test_a_request_is_freed_when_answered."""
 
     owner: WholePolicy
     observation: dict

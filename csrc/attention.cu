@@ -58,8 +58,13 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
                          const T* __restrict__ v, int64_t v_stride, T* __restrict__ out, int64_t out_stride,
                          int rows, int n_keys, const int32_t* __restrict__ cu_q, const int32_t* __restrict__ cu_k,
                          const bool* __restrict__ key_mask, float* __restrict__ part_o, float* __restrict__ part_ml,
-                         const float* __restrict__ inv_scale) {
-  pdl_prologue();
+                         const float* __restrict__ inv_scale, int fresh_tail) {
+  // fresh_tail >= 0: only the last fresh_tail valid keys (the query tokens' own K/V, just written by
+  // rope) come from the kernel ahead; cu_k, cu_q, the key mask and the keys before them are older.
+  // So a CTA whose first tile holds none of them loads it before griddepcontrol.wait, while the
+  // kernel ahead drains. fresh_tail < 0: every input may come from the kernel ahead.
+  pdl_launch_dependents();
+  if (fresh_tail < 0) pdl_wait();
   constexpr int kBM = 16 * W, kThreads = 32 * W;
   extern __shared__ __align__(16) unsigned char smem[];
   uint4* Qs = reinterpret_cast<uint4*>(smem);
@@ -78,12 +83,6 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
   const int kbeg = min(split * per, nk), kend = min(kbeg + per, nk);
   const int ntiles = (kend - kbeg + kBN - 1) / kBN;
 
-  // Q tile -> shared (rows past `rows` zero-filled).
-  for (int i = tid; i < kBM * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = i % kChunks;
-    const bool ok = q0 + r < rows;
-    cp_async16(Qs + swz(r, c), ok ? q + (int64_t)(q0 + r) * q_stride + c * 8 : q, ok);
-  }
   auto load_tile = [&](int tile, int stage) {
     const int kb = kbeg + tile * kBN;
     uint4* ks = Ks + stage * kBN * kChunks;
@@ -100,7 +99,18 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
       flags[stage * kBN + tid] = key < kend && (key_mask == nullptr || key_mask[key]);
     }
   };
-  if (ntiles > 0) load_tile(0, 0);
+  const bool early = fresh_tail >= 0 && ntiles > 0 && kbeg + kBN <= nk - fresh_tail;
+  if (fresh_tail >= 0) {
+    if (early) load_tile(0, 0);
+    pdl_wait();
+  }
+  // Q tile -> shared (rows past `rows` zero-filled).
+  for (int i = tid; i < kBM * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const bool ok = q0 + r < rows;
+    cp_async16(Qs + swz(r, c), ok ? q + (int64_t)(q0 + r) * q_stride + c * 8 : q, ok);
+  }
+  if (ntiles > 0 && !early) load_tile(0, 0);
   cp_async_commit();
 
   const int g = lane >> 2, c4 = lane & 3;   // mma fragment coordinates: row group, column pair
@@ -312,7 +322,7 @@ template <typename T, int W>
 void launch_attention(const void* q, int64_t q_stride, const void* k, int64_t k_stride, const void* v,
                       int64_t v_stride, void* out, int64_t out_stride, int rows, int n_keys, const int32_t* cu_q,
                       const int32_t* cu_k, const bool* key_mask, int splits, float* part_o, float* part_ml,
-                      const float* inv_scale, cudaStream_t stream) {
+                      const float* inv_scale, int fresh_tail, cudaStream_t stream) {
   constexpr int kBM = 16 * W, kSmemBytes = smem_bytes<W>();
   auto kernel = attention_partial_kernel<T, W>;
   require(kSmemBytes <= smem_optin<attention_partial_kernel<T, W>>("attention_decode"), "attention_decode",
@@ -320,7 +330,7 @@ void launch_attention(const void* q, int64_t q_stride, const void* k, int64_t k_
   dim3 grid((rows + kBM - 1) / kBM, splits);
   launch("attention_decode (partial)", kernel, grid, 32 * W, kSmemBytes, stream,
       static_cast<const T*>(q), q_stride, static_cast<const T*>(k), k_stride, static_cast<const T*>(v), v_stride,
-      static_cast<T*>(out), out_stride, rows, n_keys, cu_q, cu_k, key_mask, part_o, part_ml, inv_scale);
+      static_cast<T*>(out), out_stride, rows, n_keys, cu_q, cu_k, key_mask, part_o, part_ml, inv_scale, fresh_tail);
   if (splits > 1) {
     constexpr int rows_per_block = 4;
     launch("attention_decode (combine)", attention_combine_kernel<T>, (rows + rows_per_block - 1) / rows_per_block,
@@ -334,7 +344,8 @@ void launch_attention(const void* q, int64_t q_stride, const void* k, int64_t k_
 void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k, int64_t k_stride,
                       const void* v, int64_t v_stride, void* out, int64_t out_stride, int rows,
                       int n_keys, const int32_t* cu_q, const int32_t* cu_k, const bool* key_mask,
-                      int warps, int splits, float* part_o, float* part_ml, const float* inv_scale, void* stream) {
+                      int warps, int splits, float* part_o, float* part_ml, const float* inv_scale, int fresh_tail,
+                      void* stream) {
   require(splits >= 1 && splits <= 32, "attention_decode", "splits must be in [1, 32]");
   require(warps == 2 || warps == 4, "attention_decode", "warps must be 2 or 4");
   require(splits == 1 || (part_o != nullptr && part_ml != nullptr), "attention_decode", "splits > 1 needs the workspace");
@@ -345,9 +356,9 @@ void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k,
   auto run = [&](auto tag) {
     using T = decltype(tag);
     if (warps == 2)
-      launch_attention<T, 2>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, s);
+      launch_attention<T, 2>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, fresh_tail, s);
     else
-      launch_attention<T, 4>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, s);
+      launch_attention<T, 4>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, fresh_tail, s);
   };
   switch (dtype) {
     case kFloat16: run(__half{}); break;

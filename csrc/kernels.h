@@ -79,10 +79,13 @@ void images_to_model(int dtype, const CameraImage* cams, int n, void* out, int s
 // splits > 1 the partial results go to workspace `part_o` (fp32 [splits, R, 256]) and `part_ml`
 // (fp32 [splits, R, 2]) and a second kernel combines them. FP8 output as for norm: with inv_scale
 // set, out holds one byte per element (out_stride in bytes), the input of an FP8 o projection.
+// fresh_tail >= 0: only the last fresh_tail valid keys (and q) come from the kernel just before, so
+// K/V tiles before them may be loaded while it drains (PDL); < 0: any input may.
 void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k, int64_t k_stride,
                       const void* v, int64_t v_stride, void* out, int64_t out_stride, int rows,
                       int n_keys, const int32_t* cu_q, const int32_t* cu_k, const bool* key_mask,
-                      int warps, int splits, float* part_o, float* part_ml, const float* inv_scale, void* stream);
+                      int warps, int splits, float* part_o, float* part_ml, const float* inv_scale, int fresh_tail,
+                      void* stream);
 
 // L2 prefetch hint for `bytes` of constant device memory at `ptr` (16-byte aligned, a multiple of
 // 16 bytes): the weights of a GEMM that runs a little later. Changes no result.

@@ -287,6 +287,8 @@ def test_attention_flash_varlen(gpu_and_poison, t, h, n, nk, dtype):
             out = native.attention_decode(q.reshape(t * h, d), k, v, cu_q, cu_k, None, splits=splits,
                                           warps=warps).view(t, h * d)
             check(f"attention warps={warps} splits={splits}", out, ref, exact, dtype, seed)
+    # loading the keys before a fresh tail ahead of the PDL wait changes no bit
+    assert torch.equal(fn(q, k, v, cu_q, cu_k, t * h, n, fresh_tail=t), got)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -398,7 +400,8 @@ def test_programmatic_launch_and_prefetch_change_no_bit(gpu_and_poison):
     """With programmatic dependent launch a kernel starts while the one before it drains; each waits
     for its producer before touching memory. A graph of an expert-like chain (in-place residual
     norms, cuBLAS GEMMs, rope into the cache, split attention and its merge, GeGLU), replayed many
-    times, gives the same bits with PDL on and off: a kernel reading too early would not. So does
+    times, gives the same bits with PDL on and off: a kernel reading too early would not (the
+    attention loads the cache rows before rope's ahead of its wait, by design). So does
     the chain with the denoising steps' L2 prefetches branching off it on a side stream."""
     from flashrt import _kernels
 
@@ -428,7 +431,7 @@ def test_programmatic_launch_and_prefetch_change_no_bit(gpu_and_poison):
                 h = native.add_rms_norm(x, y, EPS)
                 ahead(w_o)
                 q = native.rope_qkv(h @ w_qkv.T, cos, sin, heads, k, v, slots)
-                a = attn(q, k, v, cu_q, cu_k, t * heads, n)
+                a = attn(q, k, v, cu_q, cu_k, t * heads, n, fresh_tail=t)  # K/V before rope's rows load early
                 ahead(w_gu)
                 h = native.add_rms_norm(x, a @ w_o.T, EPS)
                 ahead(w_down)

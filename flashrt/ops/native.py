@@ -293,7 +293,7 @@ def attention_splits(rows: int, n_keys: int, device: torch.device, warps: int = 
 
 def attention_decode(q2: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor | None, cu_k: Tensor | None,
                      key_mask: Tensor | None, splits: int | None = None, warps: int = ATTN_WARPS,
-                     quant: Tensor | None = None) -> Tensor:
+                     quant: Tensor | None = None, fresh_tail: int = -1) -> Tensor:
     """The kernel on q2 [R, 256] (rows = tokens x heads): returns [R, 256], FP8 with `quant`. Callers
     check the layout."""
     rows, n_keys = q2.shape[0], k_cache.shape[0]
@@ -309,7 +309,7 @@ def attention_decode(q2: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor 
         v_cache.stride(0), out.data_ptr(), out.stride(0), rows, n_keys, 0 if cu_q is None else cu_q.data_ptr(),
         0 if cu_k is None else cu_k.data_ptr(), 0 if key_mask is None else key_mask.data_ptr(), warps, splits,
         0 if part_o is None else part_o.data_ptr(), 0 if part_ml is None else part_ml.data_ptr(),
-        0 if quant is None else quant.data_ptr(), _stream(q2))
+        0 if quant is None else quant.data_ptr(), fresh_tail, _stream(q2))
     return out
 
 
@@ -338,13 +338,15 @@ def _int32_pair_ok(t: Tensor | None, device: torch.device) -> bool:
 
 def make_attention_flash_varlen(max_rows: int):
     def attention_flash_varlen(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor, cu_k: Tensor,
-                               max_q: int, max_k: int, quant: Tensor | None = None) -> Tensor:
+                               max_q: int, max_k: int, quant: Tensor | None = None,
+                               fresh_tail: int = -1) -> Tensor:
         q2 = _attention_args(q, k_cache, v_cache, max_rows)
         if q2 is None or not (_int32_pair_ok(cu_q, q.device) and _int32_pair_ok(cu_k, q.device)) \
                 or not _quant_ok(q, quant):  # torch's attention (the prefix), then our one-kernel quantization
             return _fp8_out(torch_ops.attention_flash_varlen(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k), quant)
         t, h, d = q.shape
-        return attention_decode(q2, k_cache, v_cache, cu_q, cu_k, None, quant=quant).view(t, h * d)
+        return attention_decode(q2, k_cache, v_cache, cu_q, cu_k, None, quant=quant,
+                                fresh_tail=fresh_tail).view(t, h * d)
 
     attention_flash_varlen.__doc__ = torch_ops.attention_flash_varlen.__doc__
     return attention_flash_varlen

@@ -131,11 +131,15 @@ def attention_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_mask: Tensor
 
 
 def attention_flash_varlen(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor, cu_k: Tensor,
-                           max_q: int, max_k: int, quant: Tensor | None = None) -> Tensor:
+                           max_q: int, max_k: int, quant: Tensor | None = None,
+                           fresh_tail: int = -1) -> Tensor:
     """FlashAttention-2 varlen through PyTorch: keys [0, cu_k[1]) and queries [0, cu_q[1]) are valid.
 
     The valid lengths live on the device (int32 [2] tensors), so one captured graph serves every
     prompt length in its bucket with no mask and no recapture. Rows past cu_q[1] are left unwritten.
+    `fresh_tail` (>= 0): only the last fresh_tail valid keys were written by the GPU work just before
+    (rope_qkv's rows), so the native kernel may load the keys before them while that work drains;
+    it never changes the result, and this reference ignores it.
     """
     t, h, d = q.shape
     out = torch.ops.aten._flash_attention_forward(

@@ -22,6 +22,8 @@ enum ResidualMode : int { kResNone = 0, kResAdd = 1, kResGated = 2 };
 // e4m3(round_to_dtype(out) * *inv_scale) saturated to +-448: the input of an FP8 projection.
 // y_splits > 0: y is fp32 split-K partials [y_splits] (split stride y_split_stride, row stride y_stride,
 // in floats), summed and rounded to the dtype first (the output of skinny_gemm_partials).
+// gate, scale, shift and inv_scale are parameters: the kernel reads them before its PDL wait, so
+// the kernel launched just before must not write them (x and y it may).
 void norm(int dtype, void* x, int64_t x_stride, const void* y, int64_t y_stride, int y_splits, int64_t y_split_stride,
           const void* gate, const void* scale, const void* shift, void* out, int64_t out_stride, int rows, int width,
           float eps, int residual, bool layer_norm, const float* inv_scale, void* stream);

@@ -27,11 +27,29 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
                             const T* __restrict__ gate, const T* __restrict__ scale,
                             const T* __restrict__ shift, T* __restrict__ out, int64_t out_stride,
                             int width, float eps, const float* __restrict__ inv_scale) {
-  pdl_prologue();
+  pdl_launch_dependents();
   constexpr int N = Vec<T>::N;
   __shared__ float scratch[33];
   const int64_t row = blockIdx.x;
   const int nvec = width / N;
+  // 0. the parameters (gate, scale, shift, inv_scale: never written by the kernel just before, see
+  //    kernels.h) load into registers while that kernel drains; x and y only after the wait. Only
+  //    for one vector per thread (the expert's 1024-wide rows): wider rows would hold 3 VPT more
+  //    vectors (164 registers at VPT 4) and lose occupancy, so they load them where they are used.
+  constexpr bool kEarly = VPT == 1;
+  float gv[VPT][N], sc[VPT][N], sh[VPT][N];
+  auto load_params = [&](int j) {
+    const int c = threadIdx.x + j * blockDim.x;
+    if constexpr (RES == kResGated) load_vec_ro(gate + c * N, gv[j]);
+    if constexpr (AFFINE) {
+      load_vec_ro(scale + c * N, sc[j]);
+      load_vec_ro(shift + c * N, sh[j]);
+    }
+  };
+  if constexpr (kEarly)
+    if (threadIdx.x < nvec) load_params(0);
+  const float inv = inv_scale != nullptr ? *inv_scale : 0.f;
+  pdl_wait();
   T* xr = x + row * x_stride;
   const T* yr = RES != kResNone && y != nullptr ? y + row * y_stride : nullptr;
   const float* pr = y_part != nullptr ? y_part + row * y_stride : nullptr;  // y as fp32 split-K partials
@@ -64,10 +82,9 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
           load_vec_ro(yr + c * N, a);
         }
         if constexpr (RES == kResGated) {
-          float g[N];
-          load_vec_ro(gate + c * N, g);
+          if constexpr (!kEarly) load_vec_ro(gate + c * N, gv[j]);
 #pragma unroll
-          for (int i = 0; i < N; ++i) v[j][i] = round_to<T>(fmaf(a[i], g[i], v[j][i]));
+          for (int i = 0; i < N; ++i) v[j][i] = round_to<T>(fmaf(a[i], gv[j][i], v[j][i]));
         } else {
 #pragma unroll
           for (int i = 0; i < N; ++i) v[j][i] = round_to<T>(v[j][i] + a[i]);
@@ -106,7 +123,6 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
   // 3. normalize, optional per-column affine, one rounding on store (to T, or T then FP8).
   T* outr = out + row * out_stride;
   uint8_t* out8 = reinterpret_cast<uint8_t*>(out) + row * out_stride;  // FP8 rows: one byte per element
-  const float inv = inv_scale != nullptr ? *inv_scale : 0.f;
 #pragma unroll
   for (int j = 0; j < VPT; ++j) {
     const int c = threadIdx.x + j * blockDim.x;
@@ -115,11 +131,12 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
 #pragma unroll
       for (int i = 0; i < N; ++i) o[i] = (v[j][i] - mean) * rstd;
       if constexpr (AFFINE) {
-        float sc[N], sh[N];
-        load_vec_ro(scale + c * N, sc);
-        load_vec_ro(shift + c * N, sh);
+        if constexpr (!kEarly) {
+          load_vec_ro(scale + c * N, sc[j]);
+          load_vec_ro(shift + c * N, sh[j]);
+        }
 #pragma unroll
-        for (int i = 0; i < N; ++i) o[i] = fmaf(o[i], sc[i], sh[i]);
+        for (int i = 0; i < N; ++i) o[i] = fmaf(o[i], sc[j][i], sh[j][i]);
       }
       if (inv_scale != nullptr) store_fp8<T>(out8 + c * N, o, inv);
       else store_vec(outr + c * N, o);

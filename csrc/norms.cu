@@ -38,16 +38,23 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
   //    vectors (164 registers at VPT 4) and lose occupancy, so they load them where they are used.
   constexpr bool kEarly = VPT == 1;
   float gv[VPT][N], sc[VPT][N], sh[VPT][N];
-  auto load_params = [&](int j) {
-    const int c = threadIdx.x + j * blockDim.x;
-    if constexpr (RES == kResGated) load_vec_ro(gate + c * N, gv[j]);
+  auto load_gate = [&](int j) {  // vector j of this thread
+    if constexpr (RES == kResGated) {
+      const int c = threadIdx.x + j * blockDim.x;
+      load_vec_ro(gate + c * N, gv[j]);
+    }
+  };
+  auto load_affine = [&](int j) {
     if constexpr (AFFINE) {
+      const int c = threadIdx.x + j * blockDim.x;
       load_vec_ro(scale + c * N, sc[j]);
       load_vec_ro(shift + c * N, sh[j]);
     }
   };
-  if constexpr (kEarly)
-    if (threadIdx.x < nvec) load_params(0);
+  if (kEarly && threadIdx.x < nvec) {
+    load_gate(0);
+    load_affine(0);
+  }
   const float inv = inv_scale != nullptr ? *inv_scale : 0.f;
   pdl_wait();
   T* xr = x + row * x_stride;
@@ -82,7 +89,7 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
           load_vec_ro(yr + c * N, a);
         }
         if constexpr (RES == kResGated) {
-          if constexpr (!kEarly) load_vec_ro(gate + c * N, gv[j]);
+          if constexpr (!kEarly) load_gate(j);
 #pragma unroll
           for (int i = 0; i < N; ++i) v[j][i] = round_to<T>(fmaf(a[i], gv[j][i], v[j][i]));
         } else {
@@ -131,10 +138,7 @@ __global__ void norm_kernel(T* __restrict__ x, int64_t x_stride, const T* __rest
 #pragma unroll
       for (int i = 0; i < N; ++i) o[i] = (v[j][i] - mean) * rstd;
       if constexpr (AFFINE) {
-        if constexpr (!kEarly) {
-          load_vec_ro(scale + c * N, sc[j]);
-          load_vec_ro(shift + c * N, sh[j]);
-        }
+        if constexpr (!kEarly) load_affine(j);
 #pragma unroll
         for (int i = 0; i < N; ++i) o[i] = fmaf(o[i], sc[j][i], sh[j][i]);
       }

@@ -52,20 +52,35 @@ __device__ __forceinline__ int valid_rows(const int32_t* cu_q, int rows) {
   return cu_q != nullptr ? max(0, min(cu_q[1], rows)) : rows;
 }
 
-template <typename T, int W>
+// rope_qkv's output, computed from the fused QKV GEMM's rows (kernels.h, RopeSource): chunks c and
+// c + 16 (16 bytes each, the two halves the rotation pairs) of head h of token t, rotated.
+template <typename T>
+__device__ __forceinline__ void rope_chunks(const RopeSource& rope, int t, int h, int c, uint4& lo, uint4& hi) {
+  constexpr int N = Vec<T>::N;
+  float ol[N], oh[N];
+  rope_pair(static_cast<const T*>(rope.qkv) + t * rope.qkv_stride + h * kD,
+            static_cast<const T*>(rope.cos) + t * rope.cos_stride,
+            static_cast<const T*>(rope.sin) + t * rope.sin_stride, c * N, kD / 2, ol, oh);
+  lo = pack_vec<T>(ol);
+  hi = pack_vec<T>(oh);
+}
+
+template <typename T, int W, bool kRope>
 __global__ void __launch_bounds__(32 * W)
 attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k, int64_t k_stride,
                          const T* __restrict__ v, int64_t v_stride, T* __restrict__ out, int64_t out_stride,
                          int rows, int n_keys, const int32_t* __restrict__ cu_q, const int32_t* __restrict__ cu_k,
                          const bool* __restrict__ key_mask, float* __restrict__ part_o, float* __restrict__ part_ml,
-                         const float* __restrict__ inv_scale, int fresh_tail) {
+                         const float* __restrict__ inv_scale, int fresh_tail, RopeSource rope) {
   // fresh_tail >= 0: only the last fresh_tail valid keys (the query tokens' own K/V, just written by
   // rope) come from the kernel ahead; cu_k, cu_q, the key mask and the keys before them are older.
   // So a CTA whose first tile holds none of them loads it before griddepcontrol.wait, while the
   // kernel ahead drains. fresh_tail < 0: every input may come from the kernel ahead.
+  // kRope: this kernel is that rope (kernels.h, RopeSource). The kernel ahead is the QKV GEMM; the
+  // query rows and the fresh keys come from its output, rotated here (fresh_tail = rope.tokens).
   pdl_launch_dependents();
   if (fresh_tail < 0) pdl_wait();
-  constexpr int kBM = 16 * W, kThreads = 32 * W;
+  constexpr int kBM = 16 * W, kThreads = 32 * W, kHalf = kChunks / 2;
   extern __shared__ __align__(16) unsigned char smem[];
   uint4* Qs = reinterpret_cast<uint4*>(smem);
   uint4* Ks = Qs + kBM * kChunks;         // [2][kBN * kChunks]
@@ -87,12 +102,36 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
     const int kb = kbeg + tile * kBN;
     uint4* ks = Ks + stage * kBN * kChunks;
     uint4* vs = Vs + stage * kBN * kChunks;
-    for (int i = tid; i < kBN * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const int key = kb + r;
-      const bool ok = key < kend && (key_mask == nullptr || key_mask[key]);
-      cp_async16(ks + swz(r, c), ok ? k + (int64_t)key * k_stride + c * 8 : k, ok);
-      cp_async16(vs + swz(r, c), ok ? v + (int64_t)key * v_stride + c * 8 : v, ok);
+    if constexpr (kRope) {
+      // A work item is 16-byte chunks c and c + 16 of one key: the pair the rotation needs. The
+      // fresh keys (the query tokens' own) come from the QKV output, K rotated on the way in
+      // (synchronous loads), V by cp.async; the older keys from the cache.
+      const int fresh = nk - fresh_tail;
+      for (int i = tid; i < kBN * kHalf; i += kThreads) {
+        const int r = i / kHalf, c = i % kHalf;
+        const int key = kb + r;
+        const bool ok = key < kend;
+        if (ok && key >= fresh) {
+          const int t = key - fresh;
+          rope_chunks<T>(rope, t, rope.heads, c, ks[swz(r, c)], ks[swz(r, c + kHalf)]);
+          const T* vsrc = static_cast<const T*>(rope.qkv) + t * rope.qkv_stride + (rope.heads + 1) * kD;
+          cp_async16(vs + swz(r, c), vsrc + c * 8);
+          cp_async16(vs + swz(r, c + kHalf), vsrc + (c + kHalf) * 8);
+        } else {
+          for (int hc = c; hc < kChunks; hc += kHalf) {
+            cp_async16(ks + swz(r, hc), ok ? k + (int64_t)key * k_stride + hc * 8 : k, ok);
+            cp_async16(vs + swz(r, hc), ok ? v + (int64_t)key * v_stride + hc * 8 : v, ok);
+          }
+        }
+      }
+    } else {
+      for (int i = tid; i < kBN * kChunks; i += kThreads) {
+        const int r = i / kChunks, c = i % kChunks;
+        const int key = kb + r;
+        const bool ok = key < kend && (key_mask == nullptr || key_mask[key]);
+        cp_async16(ks + swz(r, c), ok ? k + (int64_t)key * k_stride + c * 8 : k, ok);
+        cp_async16(vs + swz(r, c), ok ? v + (int64_t)key * v_stride + c * 8 : v, ok);
+      }
     }
     if (tid < kBN) {
       const int key = kb + tid;
@@ -105,12 +144,44 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
     pdl_wait();
   }
   // Q tile -> shared (rows past `rows` zero-filled).
-  for (int i = tid; i < kBM * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = i % kChunks;
-    const bool ok = q0 + r < rows;
-    cp_async16(Qs + swz(r, c), ok ? q + (int64_t)(q0 + r) * q_stride + c * 8 : q, ok);
+  if constexpr (kRope) {
+    if (ntiles > 0 && !early) load_tile(0, 0);  // in flight while the queries are rotated
+    // Row R is head R % heads of token R / heads.
+    for (int i = tid; i < kBM * kHalf; i += kThreads) {
+      const int r = i / kHalf, c = i % kHalf, row = q0 + r;
+      uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+      if (row < rows) rope_chunks<T>(rope, row / rope.heads, row % rope.heads, c, lo, hi);
+      Qs[swz(r, c)] = lo;
+      Qs[swz(r, c + kHalf)] = hi;
+    }
+    // rope_qkv's cache rows: the query tile 0 CTAs write them, token t by split t % splits.
+    if (blockIdx.x == 0) {
+      T* kc = const_cast<T*>(k);
+      T* vc = const_cast<T*>(v);
+      for (int i = tid; i < rope.tokens * kHalf; i += kThreads) {
+        const int t = i / kHalf, c = i % kHalf;
+        if (t % splits != split) continue;
+        const int64_t slot = rope.slots[t];
+        uint4 lo, hi;
+        rope_chunks<T>(rope, t, rope.heads, c, lo, hi);
+        const uint4* vsrc = reinterpret_cast<const uint4*>(
+            static_cast<const T*>(rope.qkv) + t * rope.qkv_stride + (rope.heads + 1) * kD);
+        uint4* kdst = reinterpret_cast<uint4*>(kc + slot * k_stride);
+        uint4* vdst = reinterpret_cast<uint4*>(vc + slot * v_stride);
+        kdst[c] = lo;
+        kdst[c + kHalf] = hi;
+        vdst[c] = __ldg(vsrc + c);
+        vdst[c + kHalf] = __ldg(vsrc + c + kHalf);
+      }
+    }
+  } else {
+    for (int i = tid; i < kBM * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      const bool ok = q0 + r < rows;
+      cp_async16(Qs + swz(r, c), ok ? q + (int64_t)(q0 + r) * q_stride + c * 8 : q, ok);
+    }
+    if (ntiles > 0 && !early) load_tile(0, 0);
   }
-  if (ntiles > 0 && !early) load_tile(0, 0);
   cp_async_commit();
 
   const int g = lane >> 2, c4 = lane & 3;   // mma fragment coordinates: row group, column pair
@@ -322,15 +393,18 @@ template <typename T, int W>
 void launch_attention(const void* q, int64_t q_stride, const void* k, int64_t k_stride, const void* v,
                       int64_t v_stride, void* out, int64_t out_stride, int rows, int n_keys, const int32_t* cu_q,
                       const int32_t* cu_k, const bool* key_mask, int splits, float* part_o, float* part_ml,
-                      const float* inv_scale, int fresh_tail, cudaStream_t stream) {
+                      const float* inv_scale, int fresh_tail, const RopeSource& rope, cudaStream_t stream) {
   constexpr int kBM = 16 * W, kSmemBytes = smem_bytes<W>();
-  auto kernel = attention_partial_kernel<T, W>;
-  require(kSmemBytes <= smem_optin<attention_partial_kernel<T, W>>("attention_decode"), "attention_decode",
-          "this GPU's shared memory per block is too small for the kernel");
+  const bool fused = rope.qkv != nullptr;
+  auto kernel = fused ? attention_partial_kernel<T, W, true> : attention_partial_kernel<T, W, false>;
+  const size_t optin = fused ? smem_optin<attention_partial_kernel<T, W, true>>("attention_decode")
+                             : smem_optin<attention_partial_kernel<T, W, false>>("attention_decode");
+  require(kSmemBytes <= optin, "attention_decode", "this GPU's shared memory per block is too small for the kernel");
   dim3 grid((rows + kBM - 1) / kBM, splits);
   launch("attention_decode (partial)", kernel, grid, 32 * W, kSmemBytes, stream,
       static_cast<const T*>(q), q_stride, static_cast<const T*>(k), k_stride, static_cast<const T*>(v), v_stride,
-      static_cast<T*>(out), out_stride, rows, n_keys, cu_q, cu_k, key_mask, part_o, part_ml, inv_scale, fresh_tail);
+      static_cast<T*>(out), out_stride, rows, n_keys, cu_q, cu_k, key_mask, part_o, part_ml, inv_scale, fresh_tail,
+      rope);
   if (splits > 1) {
     constexpr int rows_per_block = 4;
     launch("attention_decode (combine)", attention_combine_kernel<T>, (rows + rows_per_block - 1) / rows_per_block,
@@ -345,8 +419,21 @@ void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k,
                       const void* v, int64_t v_stride, void* out, int64_t out_stride, int rows,
                       int n_keys, const int32_t* cu_q, const int32_t* cu_k, const bool* key_mask,
                       int warps, int splits, float* part_o, float* part_ml, const float* inv_scale, int fresh_tail,
-                      void* stream) {
+                      const RopeSource* rope, void* stream) {
   require(splits >= 1 && splits <= 32, "attention_decode", "splits must be in [1, 32]");
+  RopeSource fused{};  // qkv null: q is given
+  if (rope != nullptr) {
+    fused = *rope;
+    require(fused.qkv != nullptr && fused.cos != nullptr && fused.sin != nullptr && fused.slots != nullptr,
+            "attention_decode", "rope needs qkv, cos, sin and slots");
+    require(fused.heads >= 1 && fused.tokens >= 1 && (int64_t)fused.heads * fused.tokens == rows, "attention_decode",
+            "with rope, rows must be tokens x heads");
+    require(cu_k != nullptr && key_mask == nullptr, "attention_decode", "rope needs cu_k and no key mask");
+    require(fused.qkv_stride % 8 == 0 && fused.cos_stride % 8 == 0 && fused.sin_stride % 8 == 0, "attention_decode",
+            "rope's row strides must be multiples of 16 bytes");
+    fresh_tail = fused.tokens;
+    q_stride = 0;
+  }
   require(warps == 2 || warps == 4, "attention_decode", "warps must be 2 or 4");
   require(splits == 1 || (part_o != nullptr && part_ml != nullptr), "attention_decode", "splits > 1 needs the workspace");
   require(q_stride % 8 == 0 && k_stride % 8 == 0 && v_stride % 8 == 0 && out_stride % (inv_scale ? 16 : 8) == 0,
@@ -356,9 +443,9 @@ void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k,
   auto run = [&](auto tag) {
     using T = decltype(tag);
     if (warps == 2)
-      launch_attention<T, 2>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, fresh_tail, s);
+      launch_attention<T, 2>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, fresh_tail, fused, s);
     else
-      launch_attention<T, 4>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, fresh_tail, s);
+      launch_attention<T, 4>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, fresh_tail, fused, s);
   };
   switch (dtype) {
     case kFloat16: run(__half{}); break;

@@ -133,11 +133,39 @@ __device__ __forceinline__ void load_vec_ro(const T* p, float (&f)[Vec<T>::N]) {
 }
 
 template <typename T>
-__device__ __forceinline__ void store_vec(T* p, const float (&f)[Vec<T>::N]) {
+__device__ __forceinline__ uint4 pack_vec(const float (&f)[Vec<T>::N]) {
   Vec<T> v;
 #pragma unroll
   for (int i = 0; i < Vec<T>::N; ++i) v.e[i] = from_f<T>(f[i]);
-  *reinterpret_cast<uint4*>(p) = v.u;
+  return v.u;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const float (&f)[Vec<T>::N]) {
+  *reinterpret_cast<uint4*>(p) = pack_vec<T>(f);
+}
+
+// Split-half rotary embedding of one vector pair of a head x: the vectors at lo and lo + half
+// (half = head_dim / 2), each of which needs the other. With the engine's tables cos = [cos | cos]
+// and sin = [-sin | sin] (torch_ops.rope_qkv):
+//   rope(x)[i] = x[i] * cos[i] + x[(i + half) % (2 half)] * sin[i]   (fp32, rounded once when stored)
+// x, cos and sin are read through the read-only path: the kernel that wrote them has completed.
+template <typename T>
+__device__ __forceinline__ void rope_pair(const T* x, const T* cos, const T* sin, int lo, int half,
+                                          float (&ol)[Vec<T>::N], float (&oh)[Vec<T>::N]) {
+  constexpr int N = Vec<T>::N;
+  float xl[N], xh[N], cl[N], ch[N], sl[N], sh[N];
+  load_vec_ro(x + lo, xl);
+  load_vec_ro(x + lo + half, xh);
+  load_vec_ro(cos + lo, cl);
+  load_vec_ro(cos + lo + half, ch);
+  load_vec_ro(sin + lo, sl);
+  load_vec_ro(sin + lo + half, sh);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    ol[i] = fmaf(xh[i], sl[i], xl[i] * cl[i]);
+    oh[i] = fmaf(xl[i], sh[i], xh[i] * ch[i]);
+  }
 }
 
 // FP8 output: the input of an FP8 GEMM, written by the kernel that produces it instead of by a

@@ -111,7 +111,7 @@ _SKINNY_GEMM = {"hopper"}
 
 # Where rope inside the attention was measured to pay (benchmarks/platform_ab.py rope_attention). The
 # kernel is written and compiles for every target but has not yet run on a GPU (csrc/README.md,
-# "Rope inside the attention"): off everywhere until its GPU tests pass and the A/B shows a gain.
+# "rope inside the attention"): off everywhere until its GPU tests pass and the A/B shows a gain.
 _ROPE_ATTENTION: set[str] = set()
 
 

@@ -77,7 +77,7 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
   // So a CTA whose first tile holds none of them loads it before griddepcontrol.wait, while the
   // kernel ahead drains. fresh_tail < 0: every input may come from the kernel ahead.
   // kRope: this kernel is that rope (kernels.h, RopeSource). The kernel ahead is the QKV GEMM; the
-  // query rows and the fresh keys come from its output, rotated here (fresh_tail = rope.tokens).
+  // query rows and the fresh keys come from its output, rotated here (fresh_tail = the tokens T).
   pdl_launch_dependents();
   if (fresh_tail < 0) pdl_wait();
   constexpr int kBM = 16 * W, kThreads = 32 * W, kHalf = kChunks / 2;
@@ -158,7 +158,7 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
     if (blockIdx.x == 0) {
       T* kc = const_cast<T*>(k);
       T* vc = const_cast<T*>(v);
-      for (int i = tid; i < rope.tokens * kHalf; i += kThreads) {
+      for (int i = tid; i < fresh_tail * kHalf; i += kThreads) {
         const int t = i / kHalf, c = i % kHalf;
         if (t % splits != split) continue;
         const int64_t slot = rope.slots[t];
@@ -426,13 +426,11 @@ void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k,
     fused = *rope;
     require(fused.qkv != nullptr && fused.cos != nullptr && fused.sin != nullptr && fused.slots != nullptr,
             "attention_decode", "rope needs qkv, cos, sin and slots");
-    require(fused.heads >= 1 && fused.tokens >= 1 && (int64_t)fused.heads * fused.tokens == rows, "attention_decode",
-            "with rope, rows must be tokens x heads");
+    require(fused.heads >= 1 && rows % fused.heads == 0, "attention_decode", "with rope, rows must be tokens x heads");
     require(cu_k != nullptr && key_mask == nullptr, "attention_decode", "rope needs cu_k and no key mask");
     require(fused.qkv_stride % 8 == 0 && fused.cos_stride % 8 == 0 && fused.sin_stride % 8 == 0, "attention_decode",
             "rope's row strides must be multiples of 16 bytes");
-    fresh_tail = fused.tokens;
-    q_stride = 0;
+    fresh_tail = rows / fused.heads;
   }
   require(warps == 2 || warps == 4, "attention_decode", "warps must be 2 or 4");
   require(splits == 1 || (part_o != nullptr && part_ml != nullptr), "attention_decode", "splits > 1 needs the workspace");

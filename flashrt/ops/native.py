@@ -308,13 +308,14 @@ def attention_decode(q2: Tensor | None, k_cache: Tensor, v_cache: Tensor, cu_q: 
     """The kernel on q2 [R, 256] (rows = tokens x heads): returns [R, 256], FP8 with `quant`. With
     rope = (qkv, cos, sin, heads, slots) q2 is None and the kernel applies rope_qkv itself to the T
     query tokens, R = T x heads (see rope_attention). Callers check the layout."""
-    fused = (0,) * 9  # RopeSource (csrc/kernels.h): none
-    if rope is not None:
-        qkv, cos, sin, heads, slots = rope
-        fused = (qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), cos.stride(0), sin.data_ptr(), sin.stride(0),
-                 slots.data_ptr(), heads, qkv.shape[0])
-    x = q2 if rope is None else rope[0]
-    rows, n_keys = (q2.shape[0] if rope is None else fused[-1] * fused[-2]), k_cache.shape[0]
+    if rope is None:
+        x, rows, fused = q2, q2.shape[0], (0,) * 8  # RopeSource (csrc/kernels.h): none
+    else:
+        x, cos, sin, heads, slots = rope
+        rows = x.shape[0] * heads
+        fused = (x.data_ptr(), x.stride(0), cos.data_ptr(), cos.stride(0), sin.data_ptr(), sin.stride(0),
+                 slots.data_ptr(), heads)
+    n_keys = k_cache.shape[0]
     if splits is None:
         splits = attention_splits(rows, n_keys, x.device, warps)
     out = _empty((rows, HEAD_DIM), x.dtype if quant is None else FP8, x.device)

@@ -52,17 +52,30 @@ __device__ __forceinline__ int valid_rows(const int32_t* cu_q, int rows) {
   return cu_q != nullptr ? max(0, min(cu_q[1], rows)) : rows;
 }
 
-// rope_qkv's output, computed from the fused QKV GEMM's rows (kernels.h, RopeSource): chunks c and
-// c + 16 (16 bytes each, the two halves the rotation pairs) of head h of token t, rotated.
-template <typename T>
-__device__ __forceinline__ void rope_chunks(const RopeSource& rope, int t, int h, int c, uint4& lo, uint4& hi) {
-  constexpr int N = Vec<T>::N;
-  float ol[N], oh[N];
-  rope_pair(static_cast<const T*>(rope.qkv) + t * rope.qkv_stride + h * kD,
-            static_cast<const T*>(rope.cos) + t * rope.cos_stride,
-            static_cast<const T*>(rope.sin) + t * rope.sin_stride, c * N, kD / 2, ol, oh);
-  lo = pack_vec<T>(ol);
-  hi = pack_vec<T>(oh);
+// rope_qkv's work (kernels.h, RopeSource) on rows copied raw from the fused QKV output into a
+// swizzled tile of kRows rows: chunks c and c + 16 of row r (16 bytes each, the halves the rotation
+// pairs) are rotated in place with the tables' row token(r), or left as they are where that is < 0.
+// Straight-line per item, so the table loads of kUnroll items are in flight together, not one
+// round trip per row (fewer where the flash loop's accumulators hold the registers).
+template <typename T, int kThreads, int kRows, int kUnroll, typename Token>
+__device__ __forceinline__ void rope_tile(uint4* tile, const RopeSource& rope, int tid, Token token) {
+  constexpr int N = Vec<T>::N, kHalf = kChunks / 2, kItems = kRows * kHalf / kThreads;
+  static_assert(kItems * kThreads == kRows * kHalf, "rope_tile: items must divide evenly");
+#pragma unroll kUnroll
+  for (int j = 0; j < kItems; ++j) {
+    const int i = tid + j * kThreads, r = i / kHalf, c = i % kHalf;
+    const int t = token(r);
+    const int64_t tt = max(t, 0);  // any valid row: loads stay unconditional
+    float xl[N], xh[N], ol[N], oh[N];
+    unpack_vec<T>(tile[swz(r, c)], xl);
+    unpack_vec<T>(tile[swz(r, c + kHalf)], xh);
+    rotate_pair(xl, xh, static_cast<const T*>(rope.cos) + tt * rope.cos_stride,
+                static_cast<const T*>(rope.sin) + tt * rope.sin_stride, c * N, kD / 2, ol, oh);
+    if (t >= 0) {
+      tile[swz(r, c)] = pack_vec<T>(ol);
+      tile[swz(r, c + kHalf)] = pack_vec<T>(oh);
+    }
+  }
 }
 
 template <typename T, int W, bool kRope>
@@ -77,10 +90,12 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
   // So a CTA whose first tile holds none of them loads it before griddepcontrol.wait, while the
   // kernel ahead drains. fresh_tail < 0: every input may come from the kernel ahead.
   // kRope: this kernel is that rope (kernels.h, RopeSource). The kernel ahead is the QKV GEMM; the
-  // query rows and the fresh keys come from its output, rotated here (fresh_tail = the tokens T).
+  // query rows and the fresh keys (fresh_tail = the tokens T) are copied raw from its output like
+  // any other row, then rotated in shared memory, and the query tile 0 CTAs write the fresh keys'
+  // rows of the cache from there.
   pdl_launch_dependents();
   if (fresh_tail < 0) pdl_wait();
-  constexpr int kBM = 16 * W, kThreads = 32 * W, kHalf = kChunks / 2;
+  constexpr int kBM = 16 * W, kThreads = 32 * W;
   extern __shared__ __align__(16) unsigned char smem[];
   uint4* Qs = reinterpret_cast<uint4*>(smem);
   uint4* Ks = Qs + kBM * kChunks;         // [2][kBN * kChunks]
@@ -92,46 +107,30 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
   const int splits = gridDim.y, split = blockIdx.y;
   const int nk = valid_keys(cu_k, n_keys);
   const int nq = valid_rows(cu_q, rows);
+  const T* qkv = static_cast<const T*>(rope.qkv);
+  const int fresh = kRope ? nk - fresh_tail : nk;  // kRope: keys from here on are token key - fresh's
 
   // This CTA's keys: splits of equal size, in whole tiles.
   const int per = ((nk + splits - 1) / splits + kBN - 1) / kBN * kBN;
   const int kbeg = min(split * per, nk), kend = min(kbeg + per, nk);
   const int ntiles = (kend - kbeg + kBN - 1) / kBN;
 
+  // Key `key`'s row of the cache, or with kRope for a fresh key, the QKV output's head `head`.
+  auto key_row = [&](const T* cache, int64_t stride, int head, int key) {
+    if constexpr (kRope)
+      if (key >= fresh) return qkv + (key - fresh) * rope.qkv_stride + head * kD;
+    return cache + (int64_t)key * stride;
+  };
   auto load_tile = [&](int tile, int stage) {
     const int kb = kbeg + tile * kBN;
     uint4* ks = Ks + stage * kBN * kChunks;
     uint4* vs = Vs + stage * kBN * kChunks;
-    if constexpr (kRope) {
-      // A work item is 16-byte chunks c and c + 16 of one key: the pair the rotation needs. The
-      // fresh keys (the query tokens' own) come from the QKV output, K rotated on the way in
-      // (synchronous loads), V by cp.async; the older keys from the cache.
-      const int fresh = nk - fresh_tail;
-      for (int i = tid; i < kBN * kHalf; i += kThreads) {
-        const int r = i / kHalf, c = i % kHalf;
-        const int key = kb + r;
-        const bool ok = key < kend;
-        if (ok && key >= fresh) {
-          const int t = key - fresh;
-          rope_chunks<T>(rope, t, rope.heads, c, ks[swz(r, c)], ks[swz(r, c + kHalf)]);
-          const T* vsrc = static_cast<const T*>(rope.qkv) + t * rope.qkv_stride + (rope.heads + 1) * kD;
-          cp_async16(vs + swz(r, c), vsrc + c * 8);
-          cp_async16(vs + swz(r, c + kHalf), vsrc + (c + kHalf) * 8);
-        } else {
-          for (int hc = c; hc < kChunks; hc += kHalf) {
-            cp_async16(ks + swz(r, hc), ok ? k + (int64_t)key * k_stride + hc * 8 : k, ok);
-            cp_async16(vs + swz(r, hc), ok ? v + (int64_t)key * v_stride + hc * 8 : v, ok);
-          }
-        }
-      }
-    } else {
-      for (int i = tid; i < kBN * kChunks; i += kThreads) {
-        const int r = i / kChunks, c = i % kChunks;
-        const int key = kb + r;
-        const bool ok = key < kend && (key_mask == nullptr || key_mask[key]);
-        cp_async16(ks + swz(r, c), ok ? k + (int64_t)key * k_stride + c * 8 : k, ok);
-        cp_async16(vs + swz(r, c), ok ? v + (int64_t)key * v_stride + c * 8 : v, ok);
-      }
+    for (int i = tid; i < kBN * kChunks; i += kThreads) {
+      const int r = i / kChunks, c = i % kChunks;
+      const int key = kb + r;
+      const bool ok = key < kend && (key_mask == nullptr || key_mask[key]);
+      cp_async16(ks + swz(r, c), ok ? key_row(k, k_stride, rope.heads, key) + c * 8 : k, ok);
+      cp_async16(vs + swz(r, c), ok ? key_row(v, v_stride, rope.heads + 1, key) + c * 8 : v, ok);
     }
     if (tid < kBN) {
       const int key = kb + tid;
@@ -143,46 +142,28 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
     if (early) load_tile(0, 0);
     pdl_wait();
   }
-  // Q tile -> shared (rows past `rows` zero-filled).
-  if constexpr (kRope) {
-    if (ntiles > 0 && !early) load_tile(0, 0);  // in flight while the queries are rotated
-    // Row R is head R % heads of token R / heads.
-    for (int i = tid; i < kBM * kHalf; i += kThreads) {
-      const int r = i / kHalf, c = i % kHalf, row = q0 + r;
-      uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-      if (row < rows) rope_chunks<T>(rope, row / rope.heads, row % rope.heads, c, lo, hi);
-      Qs[swz(r, c)] = lo;
-      Qs[swz(r, c + kHalf)] = hi;
-    }
-    // rope_qkv's cache rows: the query tile 0 CTAs write them, token t by split t % splits.
-    if (blockIdx.x == 0) {
-      T* kc = const_cast<T*>(k);
-      T* vc = const_cast<T*>(v);
-      for (int i = tid; i < fresh_tail * kHalf; i += kThreads) {
-        const int t = i / kHalf, c = i % kHalf;
-        if (t % splits != split) continue;
-        const int64_t slot = rope.slots[t];
-        uint4 lo, hi;
-        rope_chunks<T>(rope, t, rope.heads, c, lo, hi);
-        const uint4* vsrc = reinterpret_cast<const uint4*>(
-            static_cast<const T*>(rope.qkv) + t * rope.qkv_stride + (rope.heads + 1) * kD);
-        uint4* kdst = reinterpret_cast<uint4*>(kc + slot * k_stride);
-        uint4* vdst = reinterpret_cast<uint4*>(vc + slot * v_stride);
-        kdst[c] = lo;
-        kdst[c + kHalf] = hi;
-        vdst[c] = __ldg(vsrc + c);
-        vdst[c + kHalf] = __ldg(vsrc + c + kHalf);
-      }
-    }
-  } else {
-    for (int i = tid; i < kBM * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const bool ok = q0 + r < rows;
+  // Q tile -> shared (rows past `rows` zero-filled). kRope: row R is head R % heads of token
+  // R / heads, rotated once it has landed, while tile 0 is still in flight.
+  for (int i = tid; i < kBM * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const bool ok = q0 + r < rows;
+    if constexpr (kRope) {
+      const int row = q0 + r;
+      cp_async16(Qs + swz(r, c), ok ? qkv + (row / rope.heads) * rope.qkv_stride + (row % rope.heads) * kD + c * 8
+                                    : qkv, ok);
+    } else {
       cp_async16(Qs + swz(r, c), ok ? q + (int64_t)(q0 + r) * q_stride + c * 8 : q, ok);
     }
-    if (ntiles > 0 && !early) load_tile(0, 0);
   }
+  if constexpr (kRope) cp_async_commit();  // its own group, waited for below
+  if (ntiles > 0 && !early) load_tile(0, 0);
   cp_async_commit();
+  if constexpr (kRope) {
+    cp_async_wait<1>();  // the Q tile (tile 0 may still be in flight)
+    __syncthreads();
+    rope_tile<T, kThreads, kBM, kBM * 16 / kThreads>(Qs, rope, tid, [&](int r) { return q0 + r < rows ? (q0 + r) / rope.heads : -1; });
+    // (the loop's first __syncthreads orders these writes before the QK^T reads)
+  }
 
   const int g = lane >> 2, c4 = lane & 3;   // mma fragment coordinates: row group, column pair
   const int wr = warp * 16;                 // this warp's first row in the tile
@@ -200,6 +181,30 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
+    if constexpr (kRope) {
+      // Fresh keys in this tile: rotate K in place (2 rows in flight per thread: 4 spill next to the
+      // accumulators), then the query tile 0 CTAs copy the rows to the cache (kernels.h: rope_qkv's
+      // writes). Whole CTA, uniform branch.
+      const int kb = kbeg + tile * kBN;
+      if (kb + kBN > fresh) {
+        uint4* ks = Ks + stage * kBN * kChunks;
+        rope_tile<T, kThreads, kBN, 2>(ks, rope, tid, [&](int r) {
+          const int key = kb + r;
+          return key >= fresh && key < kend ? key - fresh : -1;
+        });
+        __syncthreads();
+        if (blockIdx.x == 0) {
+          const uint4* vs = Vs + stage * kBN * kChunks;
+          for (int i = tid; i < kBN * kChunks; i += kThreads) {
+            const int r = i / kChunks, c = i % kChunks, key = kb + r;
+            if (key < fresh || key >= kend) continue;
+            const int64_t slot = __ldg(rope.slots + key - fresh);
+            reinterpret_cast<uint4*>(const_cast<T*>(k) + slot * k_stride)[c] = ks[swz(r, c)];
+            reinterpret_cast<uint4*>(const_cast<T*>(v) + slot * v_stride)[c] = vs[swz(r, c)];
+          }
+        }
+      }
+    }
 
     if (active) {
       const uint4* ks = Ks + stage * kBN * kChunks;

@@ -86,8 +86,9 @@ void images_to_model(int dtype, const CameraImage* cams, int n, void* out, int s
 // With `rope` (not null) the attention applies rope_qkv itself, for the T = R / heads query tokens
 // whose own K/V are the window's last T valid keys (the denoising steps' suffix: slots[t] =
 // cu_k[1] - T + t; cu_k required, key_mask null): q is null; query rows, and those T keys, are read
-// from the fused QKV output and rotated on the way into shared memory, and the rotated K and V are
-// also written to cache rows slots[t] of k and v, as rope_qkv would. fresh_tail is then T.
+// from the fused QKV output and rotated in shared memory, and the rotated K and V are also written
+// to cache rows slots[t] of k and v, as rope_qkv would (for the tokens whose key is valid: all of
+// them unless cu_k[1] < T). fresh_tail is then T.
 struct RopeSource {
   const void* qkv;  // [T, (heads + 2) * 256] rows: q heads, k, v (unrotated)
   int64_t qkv_stride;

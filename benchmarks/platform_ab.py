@@ -3,12 +3,11 @@ side by side (same random weights) and timed in interleaved rounds.
 
     python benchmarks/platform_ab.py FLAG   # writes benchmarks/results/FLAG_<gpu>.json
 
-FLAG is one of FLAGS below: l2_prefetch (the expert's weights prefetched into L2), skinny_gemm
-(the expert's o and down through csrc/skinny_gemm.cu, bf16) or rope_attention (the steps' rope_qkv
-inside the split-K attention). Per case (10 steps, chunk 50, 48-token prompt): graph replay p50 in
-interleaved rounds, and how the two action chunks for the same observation and noise compare:
-bit-identical where the flag changes no arithmetic (l2_prefetch, rope_attention), else by their
-cosine (a different summation order). An FP8 policy with the flag on reuses the
+FLAG is one of FLAGS below: l2_prefetch (the expert's weights prefetched into L2) or skinny_gemm
+(the expert's o and down through csrc/skinny_gemm.cu, bf16). Per case (10 steps, chunk 50, 48-token
+prompt): graph replay p50 in interleaved rounds, and how the two action chunks for the same
+observation and noise compare: bit-identical where the flag changes no arithmetic (the prefetch),
+else by their cosine (a different summation order). An FP8 policy with the flag on reuses the
 calibration the first one made, so both run the same scales.
 """
 
@@ -34,8 +33,6 @@ from flashrt import hardware  # noqa: E402
 FLAGS = {
     "l2_prefetch": (hardware._L2_PREFETCH, [("pi05", 2, "bf16"), ("pi05", 2, "fp8"), ("pi0", 3, "bf16")]),
     "skinny_gemm": (hardware._SKINNY_GEMM, [("pi05", 2, "bf16"), ("pi0", 3, "bf16")]),
-    "rope_attention": (hardware._ROPE_ATTENTION,
-                       [("pi05", 2, "bf16"), ("pi05", 2, "fp8"), ("pi0", 3, "bf16")]),
 }
 ROUNDS = 4
 

@@ -52,47 +52,17 @@ __device__ __forceinline__ int valid_rows(const int32_t* cu_q, int rows) {
   return cu_q != nullptr ? max(0, min(cu_q[1], rows)) : rows;
 }
 
-// rope_qkv's work (kernels.h, RopeSource) on rows copied raw from the fused QKV output into a
-// swizzled tile of kRows rows: chunks c and c + 16 of row r (16 bytes each, the halves the rotation
-// pairs) are rotated in place with the tables' row token(r), or left as they are where that is < 0.
-// Straight-line per item, so the table loads of kUnroll items are in flight together, not one
-// round trip per row (fewer where the flash loop's accumulators hold the registers).
-template <typename T, int kThreads, int kRows, int kUnroll, typename Token>
-__device__ __forceinline__ void rope_tile(uint4* tile, const RopeSource& rope, int tid, Token token) {
-  constexpr int N = Vec<T>::N, kHalf = kChunks / 2, kItems = kRows * kHalf / kThreads;
-  static_assert(kItems * kThreads == kRows * kHalf, "rope_tile: items must divide evenly");
-#pragma unroll kUnroll
-  for (int j = 0; j < kItems; ++j) {
-    const int i = tid + j * kThreads, r = i / kHalf, c = i % kHalf;
-    const int t = token(r);
-    const int64_t tt = max(t, 0);  // any valid row: loads stay unconditional
-    float xl[N], xh[N], ol[N], oh[N];
-    unpack_vec<T>(tile[swz(r, c)], xl);
-    unpack_vec<T>(tile[swz(r, c + kHalf)], xh);
-    rotate_pair(xl, xh, static_cast<const T*>(rope.cos) + tt * rope.cos_stride,
-                static_cast<const T*>(rope.sin) + tt * rope.sin_stride, c * N, kD / 2, ol, oh);
-    if (t >= 0) {
-      tile[swz(r, c)] = pack_vec<T>(ol);
-      tile[swz(r, c + kHalf)] = pack_vec<T>(oh);
-    }
-  }
-}
-
-template <typename T, int W, bool kRope>
+template <typename T, int W>
 __global__ void __launch_bounds__(32 * W)
 attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k, int64_t k_stride,
                          const T* __restrict__ v, int64_t v_stride, T* __restrict__ out, int64_t out_stride,
                          int rows, int n_keys, const int32_t* __restrict__ cu_q, const int32_t* __restrict__ cu_k,
                          const bool* __restrict__ key_mask, float* __restrict__ part_o, float* __restrict__ part_ml,
-                         const float* __restrict__ inv_scale, int fresh_tail, RopeSource rope) {
+                         const float* __restrict__ inv_scale, int fresh_tail) {
   // fresh_tail >= 0: only the last fresh_tail valid keys (the query tokens' own K/V, just written by
   // rope) come from the kernel ahead; cu_k, cu_q, the key mask and the keys before them are older.
   // So a CTA whose first tile holds none of them loads it before griddepcontrol.wait, while the
   // kernel ahead drains. fresh_tail < 0: every input may come from the kernel ahead.
-  // kRope: this kernel is that rope (kernels.h, RopeSource). The kernel ahead is the QKV GEMM; the
-  // query rows and the fresh keys (fresh_tail = the tokens T) are copied raw from its output like
-  // any other row, then rotated in shared memory, and the query tile 0 CTAs write the fresh keys'
-  // rows of the cache from there.
   pdl_launch_dependents();
   if (fresh_tail < 0) pdl_wait();
   constexpr int kBM = 16 * W, kThreads = 32 * W;
@@ -107,20 +77,12 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
   const int splits = gridDim.y, split = blockIdx.y;
   const int nk = valid_keys(cu_k, n_keys);
   const int nq = valid_rows(cu_q, rows);
-  const T* qkv = static_cast<const T*>(rope.qkv);
-  const int fresh = kRope ? nk - fresh_tail : nk;  // kRope: keys from here on are token key - fresh's
 
   // This CTA's keys: splits of equal size, in whole tiles.
   const int per = ((nk + splits - 1) / splits + kBN - 1) / kBN * kBN;
   const int kbeg = min(split * per, nk), kend = min(kbeg + per, nk);
   const int ntiles = (kend - kbeg + kBN - 1) / kBN;
 
-  // Key `key`'s row of the cache, or with kRope for a fresh key, the QKV output's head `head`.
-  auto key_row = [&](const T* cache, int64_t stride, int head, int key) {
-    if constexpr (kRope)
-      if (key >= fresh) return qkv + (key - fresh) * rope.qkv_stride + head * kD;
-    return cache + (int64_t)key * stride;
-  };
   auto load_tile = [&](int tile, int stage) {
     const int kb = kbeg + tile * kBN;
     uint4* ks = Ks + stage * kBN * kChunks;
@@ -129,8 +91,8 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
       const int r = i / kChunks, c = i % kChunks;
       const int key = kb + r;
       const bool ok = key < kend && (key_mask == nullptr || key_mask[key]);
-      cp_async16(ks + swz(r, c), ok ? key_row(k, k_stride, rope.heads, key) + c * 8 : k, ok);
-      cp_async16(vs + swz(r, c), ok ? key_row(v, v_stride, rope.heads + 1, key) + c * 8 : v, ok);
+      cp_async16(ks + swz(r, c), ok ? k + (int64_t)key * k_stride + c * 8 : k, ok);
+      cp_async16(vs + swz(r, c), ok ? v + (int64_t)key * v_stride + c * 8 : v, ok);
     }
     if (tid < kBN) {
       const int key = kb + tid;
@@ -142,28 +104,14 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
     if (early) load_tile(0, 0);
     pdl_wait();
   }
-  // Q tile -> shared (rows past `rows` zero-filled). kRope: row R is head R % heads of token
-  // R / heads, rotated once it has landed, while tile 0 is still in flight.
+  // Q tile -> shared (rows past `rows` zero-filled).
   for (int i = tid; i < kBM * kChunks; i += kThreads) {
     const int r = i / kChunks, c = i % kChunks;
     const bool ok = q0 + r < rows;
-    if constexpr (kRope) {
-      const int row = q0 + r;
-      cp_async16(Qs + swz(r, c), ok ? qkv + (row / rope.heads) * rope.qkv_stride + (row % rope.heads) * kD + c * 8
-                                    : qkv, ok);
-    } else {
-      cp_async16(Qs + swz(r, c), ok ? q + (int64_t)(q0 + r) * q_stride + c * 8 : q, ok);
-    }
+    cp_async16(Qs + swz(r, c), ok ? q + (int64_t)(q0 + r) * q_stride + c * 8 : q, ok);
   }
-  if constexpr (kRope) cp_async_commit();  // its own group, waited for below
   if (ntiles > 0 && !early) load_tile(0, 0);
   cp_async_commit();
-  if constexpr (kRope) {
-    cp_async_wait<1>();  // the Q tile (tile 0 may still be in flight)
-    __syncthreads();
-    rope_tile<T, kThreads, kBM, kBM * 16 / kThreads>(Qs, rope, tid, [&](int r) { return q0 + r < rows ? (q0 + r) / rope.heads : -1; });
-    // (the loop's first __syncthreads orders these writes before the QK^T reads)
-  }
 
   const int g = lane >> 2, c4 = lane & 3;   // mma fragment coordinates: row group, column pair
   const int wr = warp * 16;                 // this warp's first row in the tile
@@ -181,30 +129,6 @@ attention_partial_kernel(const T* __restrict__ q, int64_t q_stride, const T* __r
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    if constexpr (kRope) {
-      // Fresh keys in this tile: rotate K in place (2 rows in flight per thread: 4 spill next to the
-      // accumulators), then the query tile 0 CTAs copy the rows to the cache (kernels.h: rope_qkv's
-      // writes). Whole CTA, uniform branch.
-      const int kb = kbeg + tile * kBN;
-      if (kb + kBN > fresh) {
-        uint4* ks = Ks + stage * kBN * kChunks;
-        rope_tile<T, kThreads, kBN, 2>(ks, rope, tid, [&](int r) {
-          const int key = kb + r;
-          return key >= fresh && key < kend ? key - fresh : -1;
-        });
-        __syncthreads();
-        if (blockIdx.x == 0) {
-          const uint4* vs = Vs + stage * kBN * kChunks;
-          for (int i = tid; i < kBN * kChunks; i += kThreads) {
-            const int r = i / kChunks, c = i % kChunks, key = kb + r;
-            if (key < fresh || key >= kend) continue;
-            const int64_t slot = __ldg(rope.slots + key - fresh);
-            reinterpret_cast<uint4*>(const_cast<T*>(k) + slot * k_stride)[c] = ks[swz(r, c)];
-            reinterpret_cast<uint4*>(const_cast<T*>(v) + slot * v_stride)[c] = vs[swz(r, c)];
-          }
-        }
-      }
-    }
 
     if (active) {
       const uint4* ks = Ks + stage * kBN * kChunks;
@@ -398,18 +322,15 @@ template <typename T, int W>
 void launch_attention(const void* q, int64_t q_stride, const void* k, int64_t k_stride, const void* v,
                       int64_t v_stride, void* out, int64_t out_stride, int rows, int n_keys, const int32_t* cu_q,
                       const int32_t* cu_k, const bool* key_mask, int splits, float* part_o, float* part_ml,
-                      const float* inv_scale, int fresh_tail, const RopeSource& rope, cudaStream_t stream) {
+                      const float* inv_scale, int fresh_tail, cudaStream_t stream) {
   constexpr int kBM = 16 * W, kSmemBytes = smem_bytes<W>();
-  const bool fused = rope.qkv != nullptr;
-  auto kernel = fused ? attention_partial_kernel<T, W, true> : attention_partial_kernel<T, W, false>;
-  const size_t optin = fused ? smem_optin<attention_partial_kernel<T, W, true>>("attention_decode")
-                             : smem_optin<attention_partial_kernel<T, W, false>>("attention_decode");
-  require(kSmemBytes <= optin, "attention_decode", "this GPU's shared memory per block is too small for the kernel");
+  auto kernel = attention_partial_kernel<T, W>;
+  require(kSmemBytes <= smem_optin<attention_partial_kernel<T, W>>("attention_decode"), "attention_decode",
+          "this GPU's shared memory per block is too small for the kernel");
   dim3 grid((rows + kBM - 1) / kBM, splits);
   launch("attention_decode (partial)", kernel, grid, 32 * W, kSmemBytes, stream,
       static_cast<const T*>(q), q_stride, static_cast<const T*>(k), k_stride, static_cast<const T*>(v), v_stride,
-      static_cast<T*>(out), out_stride, rows, n_keys, cu_q, cu_k, key_mask, part_o, part_ml, inv_scale, fresh_tail,
-      rope);
+      static_cast<T*>(out), out_stride, rows, n_keys, cu_q, cu_k, key_mask, part_o, part_ml, inv_scale, fresh_tail);
   if (splits > 1) {
     constexpr int rows_per_block = 4;
     launch("attention_decode (combine)", attention_combine_kernel<T>, (rows + rows_per_block - 1) / rows_per_block,
@@ -424,19 +345,8 @@ void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k,
                       const void* v, int64_t v_stride, void* out, int64_t out_stride, int rows,
                       int n_keys, const int32_t* cu_q, const int32_t* cu_k, const bool* key_mask,
                       int warps, int splits, float* part_o, float* part_ml, const float* inv_scale, int fresh_tail,
-                      const RopeSource* rope, void* stream) {
+                      void* stream) {
   require(splits >= 1 && splits <= 32, "attention_decode", "splits must be in [1, 32]");
-  RopeSource fused{};  // qkv null: q is given
-  if (rope != nullptr) {
-    fused = *rope;
-    require(fused.qkv != nullptr && fused.cos != nullptr && fused.sin != nullptr && fused.slots != nullptr,
-            "attention_decode", "rope needs qkv, cos, sin and slots");
-    require(fused.heads >= 1 && rows % fused.heads == 0, "attention_decode", "with rope, rows must be tokens x heads");
-    require(cu_k != nullptr && key_mask == nullptr, "attention_decode", "rope needs cu_k and no key mask");
-    require(fused.qkv_stride % 8 == 0 && fused.cos_stride % 8 == 0 && fused.sin_stride % 8 == 0, "attention_decode",
-            "rope's row strides must be multiples of 16 bytes");
-    fresh_tail = rows / fused.heads;
-  }
   require(warps == 2 || warps == 4, "attention_decode", "warps must be 2 or 4");
   require(splits == 1 || (part_o != nullptr && part_ml != nullptr), "attention_decode", "splits > 1 needs the workspace");
   require(q_stride % 8 == 0 && k_stride % 8 == 0 && v_stride % 8 == 0 && out_stride % (inv_scale ? 16 : 8) == 0,
@@ -446,9 +356,9 @@ void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k,
   auto run = [&](auto tag) {
     using T = decltype(tag);
     if (warps == 2)
-      launch_attention<T, 2>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, fresh_tail, fused, s);
+      launch_attention<T, 2>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, fresh_tail, s);
     else
-      launch_attention<T, 4>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, fresh_tail, fused, s);
+      launch_attention<T, 4>(q, q_stride, k, k_stride, v, v_stride, out, out_stride, rows, n_keys, cu_q, cu_k, key_mask, splits, part_o, part_ml, inv_scale, fresh_tail, s);
   };
   switch (dtype) {
     case kFloat16: run(__half{}); break;

@@ -136,17 +136,12 @@ PYBIND11_MODULE(_kernels, m) {
         [](int dtype, std::uintptr_t q, int64_t q_stride, std::uintptr_t k, int64_t k_stride, std::uintptr_t v,
            int64_t v_stride, std::uintptr_t out, int64_t out_stride, int rows, int n_keys, std::uintptr_t cu_q,
            std::uintptr_t cu_k, std::uintptr_t key_mask, int warps, int splits, std::uintptr_t part_o,
-           std::uintptr_t part_ml, std::uintptr_t inv_scale, int fresh_tail, std::uintptr_t qkv, int64_t qkv_stride,
-           std::uintptr_t cos, int64_t cos_stride, std::uintptr_t sin, int64_t sin_stride, std::uintptr_t slots,
-           int heads, std::uintptr_t stream) {
-          // qkv = 0: q is given; else the kernel applies rope_qkv itself (kernels.h, RopeSource)
-          const flashrt::RopeSource rope{P(qkv), qkv_stride, P(cos), cos_stride, P(sin), sin_stride,
-                                         reinterpret_cast<const int64_t*>(slots), heads};
+           std::uintptr_t part_ml, std::uintptr_t inv_scale, int fresh_tail, std::uintptr_t stream) {
           flashrt::attention_decode(dtype, P(q), q_stride, P(k), k_stride, P(v), v_stride, P(out), out_stride, rows,
                                     n_keys, reinterpret_cast<const int32_t*>(cu_q), reinterpret_cast<const int32_t*>(cu_k),
                                     reinterpret_cast<const bool*>(key_mask), warps, splits, reinterpret_cast<float*>(part_o),
                                     reinterpret_cast<float*>(part_ml), reinterpret_cast<const float*>(inv_scale),
-                                    fresh_tail, qkv != 0 ? &rope : nullptr, P(stream));
+                                    fresh_tail, P(stream));
         });
 
   m.def("l2_prefetch",

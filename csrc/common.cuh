@@ -116,68 +116,28 @@ template <typename T> struct Vec {
 };
 
 template <typename T>
-__device__ __forceinline__ void unpack_vec(uint4 u, float (&f)[Vec<T>::N]) {
+__device__ __forceinline__ void load_vec(const T* p, float (&f)[Vec<T>::N]) {
   Vec<T> v;
-  v.u = u;
+  v.u = *reinterpret_cast<const uint4*>(p);
 #pragma unroll
   for (int i = 0; i < Vec<T>::N; ++i) f[i] = to_f(v.e[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&f)[Vec<T>::N]) {
-  unpack_vec<T>(*reinterpret_cast<const uint4*>(p), f);
 }
 
 // Read-only variant through the non-coherent (texture) path, for inputs no kernel writes.
 template <typename T>
 __device__ __forceinline__ void load_vec_ro(const T* p, float (&f)[Vec<T>::N]) {
-  unpack_vec<T>(__ldg(reinterpret_cast<const uint4*>(p)), f);
-}
-
-template <typename T>
-__device__ __forceinline__ uint4 pack_vec(const float (&f)[Vec<T>::N]) {
   Vec<T> v;
+  v.u = __ldg(reinterpret_cast<const uint4*>(p));
 #pragma unroll
-  for (int i = 0; i < Vec<T>::N; ++i) v.e[i] = from_f<T>(f[i]);
-  return v.u;
+  for (int i = 0; i < Vec<T>::N; ++i) f[i] = to_f(v.e[i]);
 }
 
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, const float (&f)[Vec<T>::N]) {
-  *reinterpret_cast<uint4*>(p) = pack_vec<T>(f);
-}
-
-// Split-half rotary embedding of one vector pair of a head x: the vectors at lo and lo + half
-// (half = head_dim / 2), each of which needs the other. With the engine's tables cos = [cos | cos]
-// and sin = [-sin | sin] (torch_ops.rope_qkv):
-//   rope(x)[i] = x[i] * cos[i] + x[(i + half) % (2 half)] * sin[i]   (fp32, rounded once when stored)
-// rotate_pair takes the pair already loaded (xl, xh: in, ol, oh: out); rope_pair loads it from x.
-// cos, sin (and x) are read through the read-only path: the kernel that wrote them has completed.
-template <typename T>
-__device__ __forceinline__ void rotate_pair(const float (&xl)[Vec<T>::N], const float (&xh)[Vec<T>::N],
-                                            const T* cos, const T* sin, int lo, int half,
-                                            float (&ol)[Vec<T>::N], float (&oh)[Vec<T>::N]) {
-  constexpr int N = Vec<T>::N;
-  float cl[N], ch[N], sl[N], sh[N];
-  load_vec_ro(cos + lo, cl);
-  load_vec_ro(cos + lo + half, ch);
-  load_vec_ro(sin + lo, sl);
-  load_vec_ro(sin + lo + half, sh);
+  Vec<T> v;
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    ol[i] = fmaf(xh[i], sl[i], xl[i] * cl[i]);
-    oh[i] = fmaf(xl[i], sh[i], xh[i] * ch[i]);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void rope_pair(const T* x, const T* cos, const T* sin, int lo, int half,
-                                          float (&ol)[Vec<T>::N], float (&oh)[Vec<T>::N]) {
-  constexpr int N = Vec<T>::N;
-  float xl[N], xh[N];
-  load_vec_ro(x + lo, xl);
-  load_vec_ro(x + lo + half, xh);
-  rotate_pair(xl, xh, cos, sin, lo, half, ol, oh);
+  for (int i = 0; i < Vec<T>::N; ++i) v.e[i] = from_f<T>(f[i]);
+  *reinterpret_cast<uint4*>(p) = v.u;
 }
 
 // FP8 output: the input of an FP8 GEMM, written by the kernel that produces it instead of by a

@@ -139,7 +139,8 @@ __global__ void dequantize_int8_kernel(const int32_t* __restrict__ acc, int64_t 
 // ------------------------------------------------------------------------------------------------
 // Rotary embedding on the fused QKV projection, one KV head (Gemma / Pi0):
 //   qkv row = [q_0 .. q_{H-1} | k | v], each head d wide.
-//   rope(x)[i] = x[i] * cos[i] + x[(i + d/2) % d] * sin[i]   (common.cuh's rope_pair)
+//   rope(x)[i] = x[i] * cos[i] + x[(i + d/2) % d] * sin[i], with the engine's tables
+//   cos = [cos | cos], sin = [-sin | sin] (the split-half rotation, exactly torch_ops.rope_qkv).
 // One block per token. A work item is one 16-byte vector at column c of the lower half together
 // with its partner at c + d/2 (each needs the other), for the H query heads and k; the remaining
 // items copy v. q goes to a new [rows, H, d] tensor; k and v go straight into the cache row
@@ -166,8 +167,18 @@ __global__ void rope_qkv_kernel(const T* __restrict__ qkv, int64_t qkv_stride, c
     if (it < rope_items) {
       const int h = it / pairs;
       const int lo = (it - h * pairs) * N, hi = lo + half;
-      float ol[N], oh[N];
-      rope_pair(src + h * d, cr, sr, lo, half, ol, oh);
+      float xl[N], xh[N], cl[N], ch[N], sl[N], sh[N], ol[N], oh[N];
+      load_vec_ro(src + h * d + lo, xl);
+      load_vec_ro(src + h * d + hi, xh);
+      load_vec_ro(cr + lo, cl);
+      load_vec_ro(cr + hi, ch);
+      load_vec_ro(sr + lo, sl);
+      load_vec_ro(sr + hi, sh);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        ol[i] = fmaf(xh[i], sl[i], xl[i] * cl[i]);
+        oh[i] = fmaf(xl[i], sh[i], xh[i] * ch[i]);
+      }
       T* dst = h < heads ? q_out + (t * heads + h) * d : k_cache + slot * k_stride;
       store_vec(dst + lo, ol);
       store_vec(dst + hi, oh);

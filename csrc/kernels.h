@@ -83,27 +83,11 @@ void images_to_model(int dtype, const CameraImage* cams, int n, void* out, int s
 // set, out holds one byte per element (out_stride in bytes), the input of an FP8 o projection.
 // fresh_tail >= 0: only the last fresh_tail valid keys (and q) come from the kernel just before, so
 // K/V tiles before them may be loaded while it drains (PDL); < 0: any input may.
-// With `rope` (not null) the attention applies rope_qkv itself, for the T = R / heads query tokens
-// whose own K/V are the window's last T valid keys (the denoising steps' suffix: slots[t] =
-// cu_k[1] - T + t; cu_k required, key_mask null): q is null; query rows, and those T keys, are read
-// from the fused QKV output and rotated in shared memory, and the rotated K and V are also written
-// to cache rows slots[t] of k and v, as rope_qkv would (for the tokens whose key is valid: all of
-// them unless cu_k[1] < T). fresh_tail is then T.
-struct RopeSource {
-  const void* qkv;  // [T, (heads + 2) * 256] rows: q heads, k, v (unrotated)
-  int64_t qkv_stride;
-  const void* cos;  // [T, 256] rows: rope_qkv's tables
-  int64_t cos_stride;
-  const void* sin;
-  int64_t sin_stride;
-  const int64_t* slots;  // [T] cache rows
-  int heads;
-};
 void attention_decode(int dtype, const void* q, int64_t q_stride, const void* k, int64_t k_stride,
                       const void* v, int64_t v_stride, void* out, int64_t out_stride, int rows,
                       int n_keys, const int32_t* cu_q, const int32_t* cu_k, const bool* key_mask,
                       int warps, int splits, float* part_o, float* part_ml, const float* inv_scale, int fresh_tail,
-                      const RopeSource* rope, void* stream);
+                      void* stream);
 
 // L2 prefetch hint for `bytes` of constant device memory at `ptr` (16-byte aligned, a multiple of
 // 16 bytes): the weights of a GEMM that runs a little later. Changes no result.

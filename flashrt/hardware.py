@@ -35,10 +35,6 @@ class Platform:
     # In bf16, the action expert's o and down projections run FlashRT's split-K few-row GEMM
     # (csrc/skinny_gemm.cu) on weights tiled at load; the norms after them sum its partials.
     skinny_gemm: bool = False
-    # The denoising steps' rope_qkv runs inside the split-K attention, which rotates the queries and
-    # the query tokens' own K/V as it loads them from the QKV output (ops.rope_attention): one node less
-    # per layer and step.
-    rope_attention: bool = False
     _attention_forced: bool = False  # set when a config overrides the attention choice
 
     @property
@@ -109,11 +105,6 @@ _L2_PREFETCH = {"hopper"}
 # Its CTAs hold up to ~120 KB of shared memory (down's); elsewhere it stays off until measured.
 _SKINNY_GEMM = {"hopper"}
 
-# Where rope inside the attention was measured to pay (benchmarks/platform_ab.py rope_attention). The
-# kernel is written and compiles for every target but has not yet run on a GPU (csrc/README.md,
-# "rope inside the attention"): off everywhere until its GPU tests pass and the A/B shows a gain.
-_ROPE_ATTENTION: set[str] = set()
-
 
 def _arch_runs_on(arch: str, capability: tuple[int, int]) -> bool:
     """Whether SASS for `arch` ("sm_90", "sm_90a", "sm_120") runs on a GPU of `capability`.
@@ -171,7 +162,6 @@ def probe(device: str | None = None) -> Platform:
         native_attention_rows=_NATIVE_ATTENTION_ROWS.get(name, 1024) if native else 0,
         l2_prefetch=native and name in _L2_PREFETCH,
         skinny_gemm=native and name in _SKINNY_GEMM,
-        rope_attention=native and name in _ROPE_ATTENTION,
     )
 
 

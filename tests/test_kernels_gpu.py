@@ -360,52 +360,7 @@ def test_attention_large_query_counts_use_torch(gpu_and_poison):
     assert torch.equal(got, ref)
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:  # NaN-safe equality of two tensors' contents
-    return x.view(torch.uint8) if x.dtype.itemsize == 1 else x.view(torch.int16)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("t,p,fp8", [(50, 712, False), (50, 712, True), (1, 713, False), (50, 10, False)],
-                         ids=lambda v: str(v))
-def test_rope_attention_is_rope_then_attention(gpu_and_poison, t, p, fp8, dtype):
-    """The denoising steps' rope_qkv + attention as one kernel, which rotates the queries and the
-    query tokens' own keys as it loads them from the QKV output: the same bits as rope_qkv followed by
-    the attention, at every launch shape, and the same cache rows written (nothing else touched)."""
-    seed = gpu_and_poison
-    heads, d, n = 8, 256, 820
-    slots = torch.arange(p, p + t, device=DEV)  # the window's last valid keys: [p, p + t)
-    cos, sin = rope_tables(slots, d, dtype)
-    qkv = randn(t, (heads + 2) * d, dtype=dtype)
-    qkv[:, : heads * d] *= d**-0.5 * 2  # pre-scaled queries, logits of a few units
-    k0, v0 = randn(n, d, dtype=dtype), randn(n, d, dtype=dtype)
-    k0[p:], v0[p:] = float("nan"), float("nan")  # rows past the prefix hold nothing valid before rope
-    cu_q = torch.tensor([0, t * heads], dtype=torch.int32, device=DEV)
-    cu_k = torch.tensor([0, p + t], dtype=torch.int32, device=DEV)
-    inv = torch.tensor([448.0 / 0.5], device=DEV) if fp8 else None
-    kf, vf, ks, vs = k0.clone(), v0.clone(), k0.clone(), v0.clone()
-    got = native.make_rope_attention(1024)(qkv, cos, sin, heads, kf, vf, slots, cu_q, cu_k, t * heads, n, inv)
-    q = native.rope_qkv(qkv, cos, sin, heads, ks, vs, slots)
-    want = native.make_attention_flash_varlen(1024)(q, ks, vs, cu_q, cu_k, t * heads, n, inv)
-    assert got.shape == want.shape == (t, heads * d) and got.dtype == want.dtype
-    assert torch.equal(_bits(got), _bits(want)), f"differs from rope_qkv + attention [seed {seed}]"
-    same_caches = torch.equal(_bits(kf), _bits(ks)) and torch.equal(_bits(vf), _bits(vs))
-    assert same_caches, f"the caches differ from rope_qkv's [seed {seed}]"
-    if not fp8:
-        ref = torch_ops.rope_attention(qkv, cos, sin, heads, k0.clone(), v0.clone(), slots, cu_q, cu_k,
-                                       t * heads, n)
-        exact = exact_attention(q, ks, vs, slice(0, p + t))  # of the rotated, rounded q and k
-        check("rope_attention", got, ref, exact, dtype, seed)
-    rope = (qkv, cos, sin, heads, slots)
-    for warps in (2, 4):
-        for splits in (1, 3, 12, 32):
-            kw = dict(splits=splits, warps=warps, quant=inv)
-            out = native.attention_decode(None, kf, vf, cu_q, cu_k, None, rope=rope, **kw)
-            plain = native.attention_decode(q.view(t * heads, d), ks, vs, cu_q, cu_k, None, **kw)
-            assert torch.equal(_bits(out), _bits(plain)), f"warps={warps} splits={splits} [seed {seed}]"
-
-
-@pytest.mark.parametrize("fused", [False, True], ids=["rope then attention", "rope_attention"])
-def test_graph_serves_every_length(gpu_and_poison, fused):
+def test_graph_serves_every_length(gpu_and_poison):
     """Lengths live on the device: one captured graph of rope + attention follows cu_k and slots."""
     seed = gpu_and_poison
     dtype, heads, d, n, t = torch.bfloat16, 8, 256, 900, 50
@@ -419,9 +374,6 @@ def test_graph_serves_every_length(gpu_and_poison, fused):
     attn = native.make_attention_flash_varlen(1024)
 
     def step():
-        if fused:
-            return native.make_rope_attention(1024)(qkv, cos, sin, heads, k_cache, v_cache, slots, cu_q, cu_k,
-                                                    t * heads, n)
         q = native.rope_qkv(qkv, cos, sin, heads, k_cache, v_cache, slots)
         return attn(q, k_cache, v_cache, cu_q, cu_k, t * heads, n)
 
@@ -447,9 +399,9 @@ def test_graph_serves_every_length(gpu_and_poison, fused):
 def test_programmatic_launch_and_prefetch_change_no_bit(gpu_and_poison):
     """With programmatic dependent launch a kernel starts while the one before it drains; each waits
     for its producer before touching memory. A graph of an expert-like chain (in-place residual
-    norms, cuBLAS GEMMs, the attention that applies rope and writes the cache, its merge, GeGLU),
-    replayed many times, gives the same bits with PDL on and off: a kernel reading too early would
-    not (the attention loads the cache rows before the fresh ones ahead of its wait, by design). So does
+    norms, cuBLAS GEMMs, rope into the cache, split attention and its merge, GeGLU), replayed many
+    times, gives the same bits with PDL on and off: a kernel reading too early would not (the
+    attention loads the cache rows before rope's ahead of its wait, by design). So does
     the chain with the denoising steps' L2 prefetches branching off it on a side stream."""
     from flashrt import _kernels
 
@@ -462,7 +414,7 @@ def test_programmatic_launch_and_prefetch_change_no_bit(gpu_and_poison):
     cos, sin = rope_tables(slots, d, dtype)
     cu_q = torch.tensor([0, t * heads], dtype=torch.int32, device=DEV)
     cu_k = torch.tensor([0, n], dtype=torch.int32, device=DEV)
-    rope_attn = native.make_rope_attention(1024)
+    attn = native.make_attention_flash_varlen(1024)
 
     def run(pdl: bool, prefetch: bool = False) -> list[torch.Tensor]:
         assert _kernels.set_programmatic_launch(pdl), "an sm_90+ GPU supports programmatic dependent launch"
@@ -478,9 +430,8 @@ def test_programmatic_launch_and_prefetch_change_no_bit(gpu_and_poison):
             def layer(ahead):  # each GEMM's weights asked for as the GEMM before it starts, as the model does
                 h = native.add_rms_norm(x, y, EPS)
                 ahead(w_o)
-                # as the denoising steps: rope inside the attention, which loads its first K/V tile
-                # early where it holds none of the query tokens' rows
-                a = rope_attn(h @ w_qkv.T, cos, sin, heads, k, v, slots, cu_q, cu_k, t * heads, n)
+                q = native.rope_qkv(h @ w_qkv.T, cos, sin, heads, k, v, slots)
+                a = attn(q, k, v, cu_q, cu_k, t * heads, n, fresh_tail=t)  # K/V before rope's rows load early
                 ahead(w_gu)
                 h = native.add_rms_norm(x, a @ w_o.T, EPS)
                 ahead(w_down)
@@ -671,8 +622,9 @@ def test_images_to_model(gpu_and_poison, dtype, n_slots):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pi05", "pi0"])
-def full_model_case(kind: str) -> tuple[dict, dict, np.ndarray]:
-    """A full-size model of random weights (bf16), an observation and the noise: (config, obs, noise)."""
+def test_full_model_native_matches_torch_ops(kind):
+    import flashrt
+
     cfg = {"name": "full", "kind": kind, "checkpoint": "random", "random": {"seed": 0, "size": "full"},
            "cameras": ["a", "b"], "state_dim": 8, "action_dim": 32, "precision": "bf16"}
     rng = np.random.default_rng(0)
@@ -680,13 +632,7 @@ def full_model_case(kind: str) -> tuple[dict, dict, np.ndarray]:
                       "b": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)},
            "state": rng.normal(size=8).astype(np.float32),
            "prompt_tokens": np.concatenate([[2], rng.integers(3, 257000, 40)]).astype(np.int64)}
-    return cfg, obs, rng.normal(size=(50, 32)).astype(np.float32)
-
-
-def test_full_model_native_matches_torch_ops(kind):
-    import flashrt
-
-    cfg, obs, noise = full_model_case(kind)
+    noise = rng.normal(size=(50, 32)).astype(np.float32)
     out = {}
     for kernels in ("auto", "torch"):
         policy = flashrt.load({**cfg, "kernels": kernels})
@@ -703,28 +649,3 @@ def test_full_model_native_matches_torch_ops(kind):
     cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
     print(f"{kind}: cosine native vs torch ops {cos:.6f}, max abs diff {np.abs(a - b).max():.3e}")
     assert np.isfinite(a).all() and cos >= 0.9999
-
-
-@pytest.mark.parametrize("kind", ["pi05", "pi0"])
-def test_rope_inside_the_attention_changes_no_bit(kind, monkeypatch):
-    """Platform.rope_attention moves rope_qkv's arithmetic, unchanged, into the attention kernel: the
-    model's actions are the same bits with it off and on (Pi0 covers the state token's window too)."""
-    import flashrt
-    from flashrt import hardware
-
-    cfg, obs, noise = full_model_case(kind)
-    name = hardware.detect().name
-    out = {}
-    try:
-        for on in (False, True):
-            monkeypatch.setattr(hardware, "_ROPE_ATTENTION", {name} if on else set())
-            hardware.detect.cache_clear()
-            policy = flashrt.load(cfg)
-            assert policy.platform.rope_attention == on
-            out[on] = policy.infer(obs, noise=noise)["actions"]
-            del policy
-            torch.cuda.empty_cache()
-    finally:
-        hardware.detect.cache_clear()
-    assert np.isfinite(out[True]).all()
-    assert np.array_equal(out[False], out[True]), f"max abs diff {np.abs(out[False] - out[True]).max():.3e}"

@@ -100,16 +100,14 @@ class KVWindow:
     cu_k: Tensor | None = None  # int32 [0, n_valid]
     key_mask: Tensor | None = None  # bool [n_keys]
 
-    def rope_attend(self, ops, qkv: Tensor, cos: Tensor, sin: Tensor, heads: int, k_cache: Tensor,
-                    v_cache: Tensor, slots: Tensor | None, quant: Tensor | None = None) -> Tensor:
-        """rope_qkv (the tokens' K/V into rows `slots` of the caches), then attention over the window.
-        The tokens are its last valid keys, or rows 0..T-1 (ops.rope_attention: one kernel for the
-        denoising steps where the native one runs)."""
+    def attend(self, ops, q: Tensor, k_cache: Tensor, v_cache: Tensor, quant: Tensor | None = None,
+               fresh_tail: int = -1) -> Tensor:
+        """fresh_tail: see ops.attention_flash_varlen (a scheduling hint; the result is the same)."""
+        k, v = k_cache[: self.n_keys], v_cache[: self.n_keys]
         if self.key_mask is None:
-            return ops.rope_attention(qkv, cos, sin, heads, k_cache, v_cache, slots, self.cu_q, self.cu_k,
-                                      self.max_q, self.n_keys, quant)
-        q = ops.rope_qkv(qkv, cos, sin, heads, k_cache, v_cache, slots)
-        return ops.attention_sdpa(q, k_cache[: self.n_keys], v_cache[: self.n_keys], self.key_mask, quant)
+            return ops.attention_flash_varlen(q, k, v, self.cu_q, self.cu_k, self.max_q, self.n_keys, quant,
+                                              fresh_tail)
+        return ops.attention_sdpa(q, k, v, self.key_mask, quant)
 
 
 @dataclass
@@ -166,11 +164,12 @@ def run_layers(ops, dims: GemmaDims, layers: list[GemmaLayer], x: Tensor, cos: T
             L = layers[i]
             ahead(streamed(L.o))
             qkv = linear(h, L.qkv, ops=ops)
-            if kv_only and i == last:  # only its K/V rows are needed: an attention here would feed nothing
-                ops.rope_qkv(qkv, cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
+            q = ops.rope_qkv(qkv, cos, sin, dims.heads, k_cache[i], v_cache[i], slots)
+            if kv_only and i == last:  # its K/V rows are written: an attention here would feed nothing
                 return None
-            a = window.rope_attend(ops, qkv, cos, sin, dims.heads, k_cache[i], v_cache[i], slots,
-                                   fp8_input(L.o))
+            # rope_qkv has just written these tokens' K/V: in every window here they are its last
+            # valid keys, and the keys before them are older (the attention may load those early).
+            a = window.attend(ops, q, k_cache[i], v_cache[i], fp8_input(L.o), fresh_tail=q.shape[0])
             ahead(streamed(L.gate_up))
             o = linear(a, L.o, ops=ops)
             h = _add_norm(ops, x, o, mod, 2 * i, 2 * i + 1, fp8_input(L.gate_up))

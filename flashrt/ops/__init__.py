@@ -17,9 +17,8 @@ from . import torch_ops
 
 OP_NAMES = (
     "rms_norm", "add_rms_norm", "ada_rms_norm", "add_ada_rms_norm", "layer_norm", "add_layer_norm",
-    "gelu_tanh_mul", "gelu_tanh", "rope_qkv", "attention_sdpa", "attention_flash_varlen", "rope_attention",
-    "attention_mha", "linear_accumulate", "images_to_model", "quantize_fp8", "quantize_int8",
-    "dequantize_int8", "prefetch_l2",
+    "gelu_tanh_mul", "gelu_tanh", "rope_qkv", "attention_sdpa", "attention_flash_varlen", "attention_mha",
+    "linear_accumulate", "images_to_model", "quantize_fp8", "quantize_int8", "dequantize_int8", "prefetch_l2",
 )
 
 

@@ -17,7 +17,6 @@ What the kernels require (otherwise the torch op runs):
   modulation rows, gate) contiguous. Row views of larger tensors are fine.
 - rope_qkv: qkv [T, (H + 2) * D] rows (the fused QKV GEMM output), cos/sin [T, D] rows, caches
   [N, D] with unit column stride (row slices of the [depth, N, D] cache), slots int64 [T] or None.
-  rope_attention in one kernel: that and the attention's conditions, with slots given.
 - attention: head dim 256, query rows T * H <= the platform's `native_attention_rows` (the
   denoising steps' 400 rows, Pi0's 8 state-token rows); larger query counts (the prefix) run
   torch's FlashAttention / SDPA.
@@ -223,21 +222,16 @@ def quantize_fp8(x: Tensor, inv_scale: Tensor) -> Tensor:
     return out
 
 
-def _rope_ok(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, k_cache: Tensor, v_cache: Tensor,
-             slots: Tensor | None) -> bool:
-    t, d = qkv.shape[0], cos.shape[-1]
-    return (_rows_ok(qkv) and qkv.shape[1] == (n_heads + 2) * d and d % (2 * _vec(qkv)) == 0
-            and all(_rows_ok(a, qkv.dtype) and a.device == qkv.device for a in (cos, sin, k_cache, v_cache))
-            and cos.shape == (t, d) and sin.shape == (t, d) and k_cache.shape[1] == v_cache.shape[1] == d
-            and (slots is not None or k_cache.shape[0] >= t and v_cache.shape[0] >= t)
-            and (slots is None or (slots.dtype == torch.int64 and slots.shape == (t,)
-                                   and slots.device == qkv.device and slots.is_contiguous())))
-
-
 def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, k_cache: Tensor, v_cache: Tensor,
              slots: Tensor | None) -> Tensor:
     t, d = qkv.shape[0], cos.shape[-1]
-    if not _rope_ok(qkv, cos, sin, n_heads, k_cache, v_cache, slots):
+    ok = (_rows_ok(qkv) and qkv.shape[1] == (n_heads + 2) * d and d % (2 * _vec(qkv)) == 0
+          and all(_rows_ok(a, qkv.dtype) and a.device == qkv.device for a in (cos, sin, k_cache, v_cache))
+          and cos.shape == (t, d) and sin.shape == (t, d) and k_cache.shape[1] == d and v_cache.shape[1] == d
+          and (slots is not None or k_cache.shape[0] >= t and v_cache.shape[0] >= t)
+          and (slots is None or (slots.dtype == torch.int64 and slots.shape == (t,) and slots.device == qkv.device
+                                 and slots.is_contiguous())))
+    if not ok:
         return torch_ops.rope_qkv(qkv, cos, sin, n_heads, k_cache, v_cache, slots)
     q = _empty((t, n_heads, d), qkv.dtype, qkv.device)
     _kernels.rope_qkv(_CODES[qkv.dtype], qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), cos.stride(0),
@@ -297,37 +291,25 @@ def attention_splits(rows: int, n_keys: int, device: torch.device, warps: int = 
     return max(1, min(want, math.ceil(n_keys / keys_per_split), MAX_SPLITS))
 
 
-def _ptr(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def attention_decode(q2: Tensor | None, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor | None,
-                     cu_k: Tensor | None, key_mask: Tensor | None, splits: int | None = None,
-                     warps: int = ATTN_WARPS, quant: Tensor | None = None, fresh_tail: int = -1,
-                     rope: tuple | None = None) -> Tensor:
-    """The kernel on q2 [R, 256] (rows = tokens x heads): returns [R, 256], FP8 with `quant`. With
-    rope = (qkv, cos, sin, heads, slots) q2 is None and the kernel applies rope_qkv itself to the T
-    query tokens, R = T x heads (see rope_attention). Callers check the layout."""
-    if rope is None:
-        x, rows, fused = q2, q2.shape[0], (0,) * 8  # RopeSource (csrc/kernels.h): none
-    else:
-        x, cos, sin, heads, slots = rope
-        rows = x.shape[0] * heads
-        fused = (x.data_ptr(), x.stride(0), cos.data_ptr(), cos.stride(0), sin.data_ptr(), sin.stride(0),
-                 slots.data_ptr(), heads)
-    n_keys = k_cache.shape[0]
+def attention_decode(q2: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Tensor | None, cu_k: Tensor | None,
+                     key_mask: Tensor | None, splits: int | None = None, warps: int = ATTN_WARPS,
+                     quant: Tensor | None = None, fresh_tail: int = -1) -> Tensor:
+    """The kernel on q2 [R, 256] (rows = tokens x heads): returns [R, 256], FP8 with `quant`. Callers
+    check the layout."""
+    rows, n_keys = q2.shape[0], k_cache.shape[0]
     if splits is None:
-        splits = attention_splits(rows, n_keys, x.device, warps)
-    out = _empty((rows, HEAD_DIM), x.dtype if quant is None else FP8, x.device)
+        splits = attention_splits(rows, n_keys, q2.device, warps)
+    out = _empty((rows, HEAD_DIM), q2.dtype if quant is None else FP8, q2.device)
     part_o = part_ml = None
     if splits > 1:
-        part_o = _empty((splits, rows, HEAD_DIM), torch.float32, x.device)
-        part_ml = _empty((splits, rows, 2), torch.float32, x.device)
+        part_o = _empty((splits, rows, HEAD_DIM), torch.float32, q2.device)
+        part_ml = _empty((splits, rows, 2), torch.float32, q2.device)
     _kernels.attention_decode(
-        _CODES[x.dtype], _ptr(q2), 0 if q2 is None else q2.stride(0), k_cache.data_ptr(), k_cache.stride(0),
-        v_cache.data_ptr(), v_cache.stride(0), out.data_ptr(), out.stride(0), rows, n_keys, _ptr(cu_q),
-        _ptr(cu_k), _ptr(key_mask), warps, splits, _ptr(part_o), _ptr(part_ml), _ptr(quant), fresh_tail,
-        *fused, _stream(x))
+        _CODES[q2.dtype], q2.data_ptr(), q2.stride(0), k_cache.data_ptr(), k_cache.stride(0), v_cache.data_ptr(),
+        v_cache.stride(0), out.data_ptr(), out.stride(0), rows, n_keys, 0 if cu_q is None else cu_q.data_ptr(),
+        0 if cu_k is None else cu_k.data_ptr(), 0 if key_mask is None else key_mask.data_ptr(), warps, splits,
+        0 if part_o is None else part_o.data_ptr(), 0 if part_ml is None else part_ml.data_ptr(),
+        0 if quant is None else quant.data_ptr(), fresh_tail, _stream(q2))
     return out
 
 
@@ -368,31 +350,6 @@ def make_attention_flash_varlen(max_rows: int):
 
     attention_flash_varlen.__doc__ = torch_ops.attention_flash_varlen.__doc__
     return attention_flash_varlen
-
-
-def make_rope_attention(max_rows: int, fused: bool = True):
-    """`fused`: one kernel where it applies (Platform.rope_attention); else rope_qkv, then the attention."""
-    attention_flash_varlen = make_attention_flash_varlen(max_rows)
-
-    def rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, k_cache: Tensor, v_cache: Tensor,
-                       slots: Tensor | None, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-                       quant: Tensor | None = None) -> Tensor:
-        t = qkv.shape[0]
-        if not (fused and slots is not None and qkv.dtype in (torch.float16, torch.bfloat16) and qkv.is_cuda
-                and cos.shape[-1] == HEAD_DIM and 0 < t * n_heads <= max_rows
-                and _rope_ok(qkv, cos, sin, n_heads, k_cache, v_cache, slots)
-                and _int32_pair_ok(cu_q, qkv.device) and _int32_pair_ok(cu_k, qkv.device)
-                and _quant_ok(qkv, quant)):  # (the prefix: slots None, too many rows)
-            q = rope_qkv(qkv, cos, sin, n_heads, k_cache, v_cache, slots)
-            k, v = k_cache[:max_k], v_cache[:max_k]
-            return attention_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, quant, fresh_tail=t)
-        # (the kernel writes rows `slots` through the same base pointer, wherever they are)
-        out = attention_decode(None, k_cache[:max_k], v_cache[:max_k], cu_q, cu_k, None, quant=quant,
-                               rope=(qkv, cos, sin, n_heads, slots))
-        return out.view(t, n_heads * HEAD_DIM)
-
-    rope_attention.__doc__ = torch_ops.rope_attention.__doc__
-    return rope_attention
 
 
 def make_attention_sdpa(max_rows: int):
@@ -500,7 +457,6 @@ def native_ops(platform) -> dict:
         ops["prefetch_l2"] = prefetch_l2
     if getattr(platform, "skinny_gemm", False):
         ops["skinny_gemm_partials"] = skinny_gemm_partials
-    ops["rope_attention"] = make_rope_attention(rows, getattr(platform, "rope_attention", False))
     if rows > 0:
         ops["attention_flash_varlen"] = make_attention_flash_varlen(rows)
         ops["attention_sdpa"] = make_attention_sdpa(rows)

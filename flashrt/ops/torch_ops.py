@@ -148,20 +148,6 @@ def attention_flash_varlen(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_q: Te
     return _out(out.view(t, h * d), quant)
 
 
-def rope_attention(qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, k_cache: Tensor, v_cache: Tensor,
-                   slots: Tensor | None, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-                   quant: Tensor | None = None) -> Tensor:
-    """rope_qkv into the caches [N, D], then attention_flash_varlen of its q over their first max_k rows.
-
-    The query tokens' own K/V are the window's last valid keys (slots[t] = cu_k[1] - T + t, as for
-    the denoising steps' suffix), or rows 0..T-1 with slots None (the prefix). The native kernel
-    relies on it: it reads those keys straight from qkv, rotating K as it loads it (no rope_qkv node
-    in the graph), and writes the caches all the same.
-    """
-    q = rope_qkv(qkv, cos, sin, n_heads, k_cache, v_cache, slots)
-    return attention_flash_varlen(q, k_cache[:max_k], v_cache[:max_k], cu_q, cu_k, max_q, max_k, quant)
-
-
 def linear_accumulate(acc: Tensor, x: Tensor, w: Tensor, b: Tensor) -> None:
     """acc += x @ w.T + b, acc in float32: the flow's Euler update x_t += dt * v with dt folded into w, b."""
     acc.add_(F.linear(x, w, b))
